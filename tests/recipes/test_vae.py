@@ -1,0 +1,203 @@
+"""VAE recipe: parity against diffusers' AutoencoderKL on random weights, strict loading,
+config reading and the walk contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from walkforge.errors import WalkforgeError
+from walkforge.graphs.walk import TensorSpec
+from walkforge.recipes import vae
+from walkforge.recipes.weights import load_strict
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL_TORCH_VS_DIFFUSERS = 1e-5  # relative max error: max|ours - diffusers| / max|diffusers|
+
+
+def diffusers_vae(cfg: vae.VaeConfig, seed: int = 0) -> torch.nn.Module:
+    """A diffusers AutoencoderKL shaped like `cfg`, random weights, norms moved off 1/0."""
+    torch.manual_seed(seed)
+    n = len(cfg.block_out_channels)
+    model = diffusers.AutoencoderKL(
+        block_out_channels=cfg.block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        out_channels=cfg.out_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        use_quant_conv=cfg.use_post_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv,
+        mid_block_add_attention=cfg.mid_block_add_attention,
+    ).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.add_(0.3 * torch.randn_like(module.weight))
+                module.bias.add_(0.3 * torch.randn_like(module.bias))
+    return model
+
+
+def saved(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def rel_max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def check_parity(cfg: vae.VaeConfig, folder: Path, latents_shape: tuple[int, ...]) -> None:
+    reference = diffusers_vae(cfg)
+    read_cfg, tensors = vae.read_checkpoint(saved(reference, folder))
+    assert read_cfg == cfg
+    model = vae.build(read_cfg).eval()
+    counts = load_strict(model, tensors, vae.KEY_MAP)
+    assert counts["loaded"] == len(model.state_dict())
+    latents = torch.randn(*latents_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, ref = model(latents), reference.decode(latents).sample
+    assert ours.shape == ref.shape
+    assert rel_max_err(ours, ref) <= TOL_TORCH_VS_DIFFUSERS
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return saved(diffusers_vae(vae.VARIANTS["tiny"]), tmp_path_factory.mktemp("tiny_vae"))
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_tiny_matches_diffusers(tmp_path: Path, attention: bool) -> None:
+    cfg = dataclasses.replace(vae.VARIANTS["tiny"], mid_block_add_attention=attention)
+    check_parity(cfg, tmp_path, (2, 4, 8, 6))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sd", "flux"])
+def test_full_size_variant_matches_diffusers(tmp_path: Path, variant: str) -> None:
+    cfg = vae.VARIANTS[variant]
+    check_parity(cfg, tmp_path, (1, cfg.latent_channels, 8, 8))
+
+
+def test_flux_variant_has_no_post_quant_conv() -> None:
+    keys = vae.build(vae.VARIANTS["flux"]).state_dict()
+    assert not any(k.startswith("post_quant_conv.") for k in keys)
+    assert keys["decoder.conv_in.weight"].shape[1] == 16
+
+
+def test_encoder_keys_counted_as_ignored(tiny_folder: Path) -> None:
+    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    model = vae.build(cfg)
+    counts = load_strict(model, tensors, vae.KEY_MAP)
+    unused = [k for k in tensors if k.startswith(("encoder.", "quant_conv."))]
+    assert len(unused) > 0
+    assert counts == {"loaded": len(model.state_dict()), "ignored": len(unused)}
+    assert counts["loaded"] + counts["ignored"] == len(tensors)
+
+
+def test_misshaped_tensor_names_key_and_shapes(tiny_folder: Path) -> None:
+    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    tensors["decoder.conv_in.weight"] = torch.zeros(64, 4, 1, 1)
+    with pytest.raises(WalkforgeError) as err:
+        load_strict(vae.build(cfg), tensors, vae.KEY_MAP)
+    message = str(err.value)
+    assert "decoder.conv_in.weight" in message
+    assert "[64, 4, 1, 1]" in message and "[64, 4, 3, 3]" in message
+
+
+def test_missing_tensor_names_key(tiny_folder: Path) -> None:
+    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    del tensors["decoder.mid_block.attentions.0.to_q.weight"]
+    with pytest.raises(WalkforgeError, match=r"missing 'decoder\.mid_block\.attentions\.0\.to_q\.weight'"):
+        load_strict(vae.build(cfg), tensors, vae.KEY_MAP)
+
+
+def test_unexpected_tensor_raises(tiny_folder: Path) -> None:
+    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    tensors["decoder.extra_head.weight"] = torch.zeros(3)
+    with pytest.raises(WalkforgeError, match=r"unexpected checkpoint tensor 'decoder\.extra_head\.weight'"):
+        load_strict(vae.build(cfg), tensors, vae.KEY_MAP)
+
+
+def write_config(folder: Path, data: dict | str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(data if isinstance(data, str) else json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"],
+          "block_out_channels": [32, 64], "norm_num_groups": 8}, "up_block_types"),
+        ({"act_fn": "gelu"}, "act_fn 'gelu'"),
+        ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
+        ({"norm_type": "spatial"}, "norm_type"),
+        ({"block_out_channels": [48], "norm_num_groups": 32}, "divisible by norm_num_groups"),
+    ],
+)
+def test_bad_config_json_raises(tmp_path: Path, config: dict | str, message: str) -> None:
+    with pytest.raises(WalkforgeError, match=message):
+        vae.read_checkpoint(write_config(tmp_path / "ckpt", config))
+
+
+def test_missing_config_json_raises(tmp_path: Path) -> None:
+    with pytest.raises(WalkforgeError, match="no config.json"):
+        vae.read_checkpoint(tmp_path)
+
+
+def test_old_sd_config_uses_diffusers_defaults() -> None:
+    sd15 = {  # SD-1.5 vae/config.json: no use_post_quant_conv, no mid_block_add_attention
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+        "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
+    assert vae.config_from_diffusers(sd15) == vae.VARIANTS["sd"]
+
+
+@pytest.mark.parametrize("variant", ["tiny", "flux"])
+def test_walks_contract(variant: str) -> None:
+    cfg = vae.VARIANTS[variant]
+    model = vae.build(cfg).eval()
+    walk = vae.walks(model, cfg)
+    node = walk.node("decode")
+    assert walk.steps == ("decode",)
+    assert node.module is model
+    assert node.inputs == (
+        TensorSpec("latents", "float32", ("batch", cfg.latent_channels, "height", "width")),
+    )
+    assert node.outputs == (
+        TensorSpec("sample", "float32", ("batch", cfg.out_channels, "sample_height", "sample_width")),
+    )
+    example = node.example_inputs["latents"]
+    assert example.shape[1] == cfg.latent_channels
+    assert min(example.shape[0], example.shape[2], example.shape[3]) >= 2
+
+
+def test_tiny_walk_output_shape_follows_upscale() -> None:
+    cfg = vae.VARIANTS["tiny"]
+    example = vae.walks(vae.build(cfg), cfg).node("decode").example_inputs["latents"]
+    with torch.no_grad():
+        out = vae.build(cfg).eval()(example)
+    b, _, h, w = example.shape
+    assert out.shape == (b, cfg.out_channels, h * cfg.upscale, w * cfg.upscale)
+
+
+def test_fake_inputs_are_seeded_standard_normal() -> None:
+    cfg = vae.VARIANTS["flux"]
+    a = vae.fake_inputs(cfg, batch=3, seed=5, height=4, width=6)
+    b = vae.fake_inputs(cfg, batch=3, seed=5, height=4, width=6)
+    assert set(a) == {"latents"}
+    assert a["latents"].dtype == np.float32 and a["latents"].shape == (3, 16, 4, 6)
+    np.testing.assert_array_equal(a["latents"], b["latents"])
+    other = vae.fake_inputs(cfg, batch=3, seed=6, height=4, width=6)
+    assert not np.array_equal(a["latents"], other["latents"])

@@ -1,0 +1,211 @@
+"""`walkforge` command line: thin click commands, one library call each.
+
+A `WalkforgeError` prints as one line on stderr with exit code 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+
+from walkforge import render
+from walkforge.errors import WalkforgeError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _settings(values: tuple[str, ...]) -> dict[str, int]:
+    parsed = {}
+    for item in values:
+        key, sep, val = item.partition("=")
+        if not sep or not val.lstrip("-").isdigit():
+            raise WalkforgeError(f"--dim expects NAME=INT, got '{item}'")
+        parsed[key] = int(val)
+    return parsed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage changed.")
+@click.version_option(package_name="walkforge")
+def cli(verbose: bool) -> None:
+    """walkforge: compile robot and generative models into engine bundles and run them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+
+
+@cli.command("compile")
+@click.argument("recipe")
+@click.option("--variant", help="Named config of the recipe (default: tiny). See `walkforge config`.")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Native checkpoint folder (diffusers AutoencoderKL / LeRobot pi0) instead of a variant.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="JSON file of config fields overriding the variant or checkpoint config.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights and examples.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory to write (atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
+def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, config_file: Path | None,
+                seed: int, out: Path, force: bool) -> None:
+    """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
+    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+    from walkforge.compiler.progress import Progress
+
+    req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force)
+    manifest = compile_bundle(req, Progress(console=err))
+    size = sum(f["size"] for f in manifest["files"].values())
+    err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")
+
+
+@cli.command("config")
+@click.argument("recipe")
+@click.option("--variant", default="tiny", show_default=True, help="Named config to print.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="JSON file of overrides to apply before printing.")
+def config_cmd(recipe: str, variant: str, config_file: Path | None) -> None:
+    """Print RECIPE's config for VARIANT as JSON (the format --config accepts)."""
+    from walkforge.recipes import get_recipe, get_variant
+    from walkforge.recipes.configs import from_dict, load_overrides, to_dict
+
+    mod = get_recipe(recipe)
+    cfg = get_variant(mod, variant)
+    if config_file:
+        cfg = from_dict(mod.Config, load_overrides(config_file), cfg)
+    click.echo(json.dumps(to_dict(cfg), indent=2))
+
+
+@cli.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect_cmd(bundle: Path, as_json: bool) -> None:
+    """Show a bundle's walks (tensor contracts), targets, files and weights fingerprint."""
+    from walkforge.artifacts.bundle import Bundle
+
+    manifest = Bundle.open(bundle).manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    render.show_manifest(out, manifest)
+
+
+@cli.command("inputs")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="npz to write.")
+@click.option("--batch", default=1, show_default=True, help="Batch size.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
+def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[str, ...]) -> None:
+    """Write example inputs for BUNDLE (valid for `walkforge run`) to an npz."""
+    from walkforge.artifacts.bundle import Bundle
+    from walkforge.runtimes.inputs import example_inputs
+
+    feeds = example_inputs(Bundle.open(bundle), batch=batch, seed=seed, **_settings(dims))
+    np.savez(output, **feeds)
+    err.print(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds.items()))
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path),
+              help="npz whose keys are the input names `inspect` shows.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="npz to write.")
+@click.option("--walk", help="Run one walk only (default: the whole plan through the front API).")
+@click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "torch"]),
+              help="Engine backend.")
+@click.option("--num-steps", type=int, help="Denoising steps (pi0; default: the compiled config's).")
+def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, backend: str,
+            num_steps: int | None) -> None:
+    """Run BUNDLE on the arrays in an npz and write the outputs to another npz."""
+    from walkforge.runtimes.front import load
+
+    feeds = _read_npz(inputs_path)
+    runner = load(bundle, backend)
+    settings = {"num_steps": num_steps} if num_steps is not None else {}
+    result = runner.run_walk(walk, feeds) if walk else runner.run(feeds, **settings)
+    np.savez(output, **result)
+    err.print(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in result.items()))
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backend", default="cpu", show_default=True, help="Backend to compare with torch.")
+@click.option("--batch", default=2, show_default=True, help="Batch of the held-out inputs.")
+@click.option("--seed", default=1234, show_default=True, help="Seed of the held-out inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool) -> None:
+    """Compare BUNDLE's engines with the fp32 torch reference, per walk and end to end."""
+    from walkforge.artifacts.bundle import Bundle
+    from walkforge.runtimes.verify import verify
+
+    result = verify(Bundle.open(bundle), backend, batch, seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render.show_verify(out, result)
+
+
+@cli.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backends", default="cpu,torch", show_default=True,
+              help="Comma-separated backends; each runs in its own process.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed runs first.")
+@click.option("--iters", default=10, show_default=True, help="Timed runs.")
+@click.option("--batch", default=1, show_default=True, help="Batch size.")
+@click.option("--threads", type=int, help="Intra-op threads for every backend (default: all cores).")
+@click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, threads: int | None,
+              dims: tuple[str, ...], as_json: bool) -> None:
+    """Per-walk and end-to-end latency (median, p90) of each backend vs the torch reference."""
+    from walkforge.runtimes.bench import bench
+
+    report = bench(bundle, tuple(backends.split(",")), warmup, iters, batch, threads, _settings(dims))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render.show_bench(out, report)
+
+
+@cli.command("demo")
+@click.option("-o", "--output", "out", default=Path("build/pi0-tiny"), show_default=True,
+              type=click.Path(path_type=Path), help="Where to write the demo bundle.")
+def demo_cmd(out: Path) -> None:
+    """Compile the tiny pi0 recipe, run it, and print actions, parity and latency."""
+    from walkforge.demo import demo
+
+    demo(out, out)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise WalkforgeError(f"inputs file not found: {path}") from None
+    except (ValueError, OSError) as exc:
+        raise WalkforgeError(f"{path}: not a readable npz ({exc})") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="walkforge", standalone_mode=False)
+    except WalkforgeError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

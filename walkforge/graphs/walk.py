@@ -1,0 +1,155 @@
+"""The walk vocabulary: what one engine computes and how the runtime chains engines.
+
+A `GraphNode` is one walk: a torch module, its input/output `TensorSpec`s and example inputs
+for tracing. Symbolic dims (strings in a shape) become dynamic axes on export and are checked
+for consistency at run time. `Sequential` runs nodes in order over one name → tensor
+environment (an output feeds every later input of the same name); `Loop` runs a node
+`count` times, feeding `carry` outputs back as inputs. `GraphEdge` names a rename between a
+producer's output and a consumer's input where the names differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from walkforge.errors import WalkforgeError
+
+Dim = int | str
+DTYPES = ("float32", "float16", "int64", "int32", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor contract: dtype and a shape whose str entries are symbolic dims."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{self.name}: dtype {self.dtype!r} not one of {DTYPES}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+    def check(self, value: np.ndarray, dims: dict[str, int], where: str = "") -> None:
+        """Validate `value` against this spec, binding symbolic dims into `dims`.
+
+        Raises WalkforgeError naming the tensor and what differs (rank, size, dtype, NaN/Inf).
+        """
+        label = f"{where}{self.name}"
+        if not isinstance(value, np.ndarray):
+            raise WalkforgeError(f"{label}: expected a numpy array, got {type(value).__name__}")
+        if value.dtype != np.dtype(self.dtype):
+            raise WalkforgeError(f"{label}: dtype {value.dtype}, expected {self.dtype}")
+        if value.ndim != len(self.shape):
+            raise WalkforgeError(
+                f"{label}: rank {value.ndim} (shape {list(value.shape)}), expected rank "
+                f"{len(self.shape)} {self.describe_shape()}"
+            )
+        for axis, (got, want) in enumerate(zip(value.shape, self.shape, strict=True)):
+            if isinstance(want, int) and got != want:
+                raise WalkforgeError(
+                    f"{label}: axis {axis} has size {got}, expected {want} "
+                    f"(shape {list(value.shape)} vs {self.describe_shape()})"
+                )
+            if isinstance(want, str):
+                bound = dims.setdefault(want, got)
+                if bound != got:
+                    raise WalkforgeError(
+                        f"{label}: axis {axis} ('{want}') has size {got}, but another input "
+                        f"bound '{want}' = {bound}"
+                    )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise WalkforgeError(f"{label}: contains NaN or Inf")
+
+    def describe_shape(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One walk: a module traced to one engine.
+
+    `module.forward` takes the inputs positionally in `inputs` order and returns the outputs
+    in `outputs` order (a tensor, or a tuple for several). `example_inputs` are used for
+    tracing; give every symbolic dim a size ≥ 2 there. `aliases` maps an output name to the
+    input whose buffer it updates in place (the runtime binds both to one buffer).
+    """
+
+    name: str
+    module: Any  # torch.nn.Module; Any keeps this module importable without torch
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example_inputs: Mapping[str, Any]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def contract(self) -> dict[str, Any]:
+        return {
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "aliases": dict(self.aliases),
+        }
+
+
+@dataclass(frozen=True)
+class GraphEdge:
+    """Feed `src`'s output `output` to `dst`'s input `input` (used where names differ)."""
+
+    src: str
+    output: str
+    dst: str
+    input: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"src": self.src, "output": self.output, "dst": self.dst, "input": self.input}
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Run walk `body` `count` times (`count` names a run-time setting such as num_steps).
+
+    `carry` maps an output of the body to the input it feeds on the next iteration;
+    `schedule` names how the runtime derives per-step inputs (e.g. "euler": t and dt).
+    """
+
+    body: str
+    count: str
+    carry: Mapping[str, str]
+    schedule: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"loop": self.body, "count": self.count, "carry": dict(self.carry),
+                "schedule": self.schedule}
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """A recipe's walks and the order the runtime runs them in."""
+
+    nodes: tuple[GraphNode, ...]
+    steps: tuple[str | Loop, ...]
+    edges: tuple[GraphEdge, ...] = ()
+
+    def node(self, name: str) -> GraphNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def plan(self) -> list[Any]:
+        return [s.to_json() if isinstance(s, Loop) else s for s in self.steps]

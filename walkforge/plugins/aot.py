@@ -1,0 +1,125 @@
+"""Ahead-of-time compilation of the plugin Triton kernels to cubin + PTX, no GPU needed.
+
+Each record holds what a bundle needs to launch the kernel later (DESIGN.md, "Custom ops"):
+the binary, its PTX and PTX ISA (a driver older than the PTX ISA rejects it), the argument
+signature, the constexprs it was specialised for, launch width, shared memory and the grid rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from walkforge.plugins import kv_cache_write, paged_attention
+from walkforge.plugins.constants import PAGE_SIZE
+
+logger = logging.getLogger(__name__)
+
+WARP_SIZE = 32
+
+KV_CACHE_WRITE_SIGNATURE = {
+    "pool_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
+    "block_table_ptr": "*i64", "positions_ptr": "*i64",
+    "num_layers": "i32", "batch": "i32", "seq_len": "i32", "num_pages": "i32", "max_pages": "i32",
+}  # fmt: skip
+PAGED_ATTENTION_SIGNATURE = {
+    "out_ptr": "*fp32", "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "pool_ptr": "*fp32",
+    "block_table_ptr": "*i64", "prefix_lens_ptr": "*i64", "mask_ptr": "*i1",
+    "seq_len": "i32", "num_pages": "i32", "max_pages": "i32", "layer": "i32",
+}  # fmt: skip
+
+
+def parse_arch(arch: str) -> int:
+    """'sm_90' -> 90."""
+    match = re.fullmatch(r"sm_(\d+)a?", arch)
+    if match is None:
+        raise ValueError(f"bad CUDA arch {arch!r}; expected e.g. 'sm_90'")
+    return int(match.group(1))
+
+
+def ptx_isa(ptx: str) -> str:
+    """The `.version` directive of a PTX text, e.g. '8.7'."""
+    match = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, re.MULTILINE)
+    if match is None:
+        raise ValueError("PTX has no .version directive")
+    return match.group(1)
+
+
+def _kernels(num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float) -> list[tuple]:
+    """(jit function, runtime signature, constexprs, grid rule) of every plugin kernel."""
+    return [
+        (
+            kv_cache_write.kv_cache_write_kernel,
+            KV_CACHE_WRITE_SIGNATURE,
+            kv_cache_write.launch_config(kv_heads, head_dim, page_size),
+            kv_cache_write.GRID_RULE,
+        ),
+        (
+            paged_attention.paged_attention_kernel,
+            PAGED_ATTENTION_SIGNATURE,
+            paged_attention.launch_config(num_heads, kv_heads, head_dim, page_size, scale),
+            paged_attention.GRID_RULE,
+        ),
+    ]
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: int = 4) -> dict:
+    """Compile one jit kernel for one arch; returns its record (see module doc)."""
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError(f"{fn!r} is not a JITFunction: AOT compile cannot run with TRITON_INTERPRET=1")
+    cc = parse_arch(arch)
+    full_signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn, full_signature, constexprs)
+    try:
+        kernel = triton.compile(
+            source, target=GPUTarget("cuda", cc, WARP_SIZE), options={"num_warps": num_warps}
+        )
+    except Exception as error:  # any backend failure (ptxas, unsupported arch): name what failed
+        raise RuntimeError(f"AOT compile of {fn.__name__} for {arch} failed: {error}") from error
+    cubin, ptx = kernel.asm["cubin"], kernel.asm["ptx"]
+    return {
+        "kernel": fn.__name__,
+        "function_name": kernel.metadata.name,
+        "arch": arch,
+        "cubin": cubin,
+        "ptx": ptx,
+        "ptx_isa": ptx_isa(ptx),
+        "triton_version": triton.__version__,
+        "sha256": hashlib.sha256(cubin).hexdigest(),
+        "signature": dict(signature),
+        "constexprs": dict(constexprs),
+        "num_warps": kernel.metadata.num_warps,
+        "shared_mem": kernel.metadata.shared,
+    }
+
+
+def compile_kernels(
+    archs: Sequence[str] = ("sm_80", "sm_89", "sm_90"),
+    *,
+    num_heads: int = 8,
+    kv_heads: int = 1,
+    head_dim: int = 256,
+    page_size: int = PAGE_SIZE,
+    scale: float | None = None,
+    num_warps: int = 4,
+) -> list[dict]:
+    """Compile every plugin kernel for every arch, specialised for one model's head layout.
+
+    `scale` defaults to head_dim ** -0.5. Records are those of `compile_kernel` plus "grid", the
+    launch grid rule. Raises RuntimeError naming the kernel and arch on the first failure.
+    """
+    scale = head_dim**-0.5 if scale is None else scale
+    records = []
+    for arch in archs:
+        for fn, signature, constexprs, grid in _kernels(num_heads, kv_heads, head_dim, page_size, scale):
+            record = compile_kernel(fn, signature, constexprs, arch, num_warps)
+            records.append({**record, "grid": grid})
+            logger.info("compiled %s for %s: %d B cubin, PTX ISA %s", fn.__name__, arch, len(record["cubin"]),
+                        record["ptx_isa"])  # fmt: skip
+    return records

@@ -1,0 +1,25 @@
+"""Constants shared by the plugin references, ONNX bodies and Triton kernels.
+
+Pool layout (DESIGN.md, "KV cache"): float32 `[layers, 2, num_pages, page_size, kv_heads, head_dim]`,
+index 0 of dim 1 is K, index 1 is V.
+"""
+
+from __future__ import annotations
+
+DOMAIN = "walkforge"
+"""ONNX domain of every walkforge op; also the torch.library namespace."""
+DOMAIN_VERSION = 1
+PLUGIN_NAMESPACE = "walkforge"
+"""Value of the `plugin_namespace` string attribute TensorRT's parser keys plugins on."""
+
+PAGE_SIZE = 16
+"""Default tokens per KV page."""
+POOL_K, POOL_V = 0, 1
+"""Index of K and V along dim 1 of the pool."""
+
+MAX_HEAD_DIM = 256
+"""Largest head_dim the Triton kernels are built for (a constexpr, padded to a power of two)."""
+MAX_PAGE_SIZE = 256
+
+MASK_FILL = -2.3819763e38
+"""Finite logit fill for masked keys (a fully masked row becomes uniform, never NaN)."""

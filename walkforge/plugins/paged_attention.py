@@ -1,0 +1,243 @@
+"""`walkforge::paged_attention` (ONNX `walkforge.PagedAttention`): attend to paged prefix + own suffix.
+
+Shapes:
+    q            float32 [B, H, S, D]        RoPE already applied
+    k, v         float32 [B, KVH, S, D]      the walk's own (suffix) keys/values
+    pool         float32 [L, 2, NP, PS, KVH, D]
+    block_table  int64   [B, MP]             logical page -> physical page (negative entries read as 0)
+    prefix_lens  int64   [B]                 request b's prefix = logical positions 0..prefix_lens[b]-1
+    suffix_mask  bool    [S, S]              query i may attend suffix key j
+    layer: int, scale: float (attributes)
+    -> out       float32 [B, H, S, D]
+
+Softmax (fp32) over [prefix keys < prefix_lens[b]] ++ [suffix keys allowed by suffix_mask].
+GQA: query head h reads kv head h // (H // KVH). Masked logits are MASK_FILL (finite), so every
+query should see at least one key; a row that sees none is implementation-defined.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from onnxscript import opset18 as op
+from onnxscript import script
+
+from walkforge.plugins._common import WALKFORGE_OPSET, check_triton_device, register_onnx_schema
+from walkforge.plugins.constants import MASK_FILL, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
+
+ONNX_NAME = "PagedAttention"
+ATTRIBUTES: dict[str, type] = {"layer": int, "scale": float, "plugin_namespace": str}
+
+SCHEMA = register_onnx_schema(
+    ONNX_NAME,
+    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("pool", "T"), ("block_table", "I"),
+            ("prefix_lens", "I"), ("suffix_mask", "M")],
+    outputs=[("out", "T")],
+    attributes=ATTRIBUTES,
+    doc=__doc__,
+)  # fmt: skip
+
+
+def _gather_prefix(pool: torch.Tensor, block_table: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
+    """K or V pages of every request, flattened: [B, KVH, MP * PS, D]."""
+    pages = pool[layer, kv][block_table.clamp(min=0)]  # [B, MP, PS, KVH, D]
+    batch, max_pages, page_size, kv_heads, head_dim = pages.shape
+    return pages.reshape(batch, max_pages * page_size, kv_heads, head_dim).transpose(1, 2)
+
+
+@torch.library.custom_op("walkforge::paged_attention", mutates_args=())
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pool: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    layer: int,
+    scale: float,
+) -> torch.Tensor:
+    """Eager reference (see module doc); mirrors the ONNX body step for step."""
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    keys = torch.cat([_gather_prefix(pool, block_table, layer, POOL_K), k], dim=2)  # [B, KVH, T+S, D]
+    values = torch.cat([_gather_prefix(pool, block_table, layer, POOL_V), v], dim=2)
+    prefix_ok = torch.arange(keys.shape[2] - seq_len) < prefix_lens[:, None]  # [B, T]
+    allowed = torch.cat(
+        [prefix_ok[:, None, :].expand(-1, seq_len, -1), suffix_mask.expand(batch, -1, -1)], dim=-1
+    )  # [B, S, T+S]
+    q5 = q.reshape(batch, kv_heads, heads // kv_heads, seq_len, head_dim)
+    logits = q5 @ keys.unsqueeze(2).transpose(-1, -2) * scale  # [B, KVH, G, S, T+S]
+    logits = logits.masked_fill(~allowed[:, None, None], MASK_FILL)
+    out = torch.softmax(logits, dim=-1) @ values.unsqueeze(2)  # [B, KVH, G, S, D]
+    return out.reshape(batch, heads, seq_len, head_dim)
+
+
+@paged_attention.register_fake
+def _(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer, scale):
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def translate(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, scale: float):
+    """custom_translation_table entry: one bare `walkforge.PagedAttention` node."""
+    return WALKFORGE_OPSET.PagedAttention(
+        q, k, v, pool, block_table, prefix_lens, suffix_mask,
+        layer=layer, scale=scale, plugin_namespace=PLUGIN_NAMESPACE,
+    )  # fmt: skip
+
+
+@script(WALKFORGE_OPSET, default_opset=op)
+def PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, scale: float):  # noqa: N802
+    """Function body; `layer` and `scale` are attribute references, so one body serves every node.
+
+    Masking uses Where on float logits with a bool condition (onnxruntime CPU has no Where for
+    bool *values*; bool conditions are fine) and Concat/Expand of bool tensors.
+    """
+    layer_pool = op.Gather(pool, op.Constant(value_int=layer), axis=0)  # [2, NP, PS, KVH, D]
+    pages = op.Max(block_table, op.Constant(value_int=0))
+    kv_d = op.Shape(pool, start=4)  # [KVH, D]
+    flat = op.Concat(op.Shape(block_table, start=0, end=1), [-1], kv_d, axis=0)  # [B, -1, KVH, D]
+    k_pages = op.Gather(op.Gather(layer_pool, 0, axis=0), pages, axis=0)  # [B, MP, PS, KVH, D]
+    v_pages = op.Gather(op.Gather(layer_pool, 1, axis=0), pages, axis=0)
+    k_pre = op.Transpose(op.Reshape(k_pages, flat), perm=[0, 2, 1, 3])  # [B, KVH, T, D]
+    v_pre = op.Transpose(op.Reshape(v_pages, flat), perm=[0, 2, 1, 3])
+    keys = op.Unsqueeze(op.Concat(k_pre, k, axis=2), [2])  # [B, KVH, 1, T+S, D]
+    values = op.Unsqueeze(op.Concat(v_pre, v, axis=2), [2])
+
+    q_shape = op.Shape(q)  # [B, H, S, D]
+    q5 = op.Reshape(q, op.Concat(op.Shape(k, start=0, end=2), [-1], op.Shape(q, start=2), axis=0))
+    logits = op.Mul(op.MatMul(q5, op.Transpose(keys, perm=[0, 1, 2, 4, 3])), op.Constant(value_float=scale))
+
+    seq = op.Shape(q, start=2, end=3)  # [1]
+    n_prefix = op.Shape(k_pre, start=2, end=3)  # [1] = MP * PS
+    prefix_ok = op.Less(op.Range(0, op.Squeeze(n_prefix), 1), op.Unsqueeze(prefix_lens, [1]))  # [B, T]
+    batch = op.Shape(q, start=0, end=1)
+    prefix_ok = op.Expand(op.Unsqueeze(prefix_ok, [1]), op.Concat(batch, seq, n_prefix, axis=0))
+    suffix_ok = op.Expand(op.Unsqueeze(suffix_mask, [0]), op.Concat(batch, seq, seq, axis=0))
+    allowed = op.Unsqueeze(op.Concat(prefix_ok, suffix_ok, axis=-1), [1, 2])  # [B, 1, 1, S, T+S]
+    logits = op.Where(allowed, logits, op.Constant(value_float=MASK_FILL))
+    out = op.MatMul(op.Softmax(logits, axis=-1), values)  # [B, KVH, G, S, D]
+    return op.Reshape(out, q_shape)
+
+
+TORCH_OP = torch.ops.walkforge.paged_attention.default
+FUNCTION = PagedAttention
+"""The onnxscript body; `_common.function_proto(FUNCTION, opset)` gives the FunctionProto."""
+
+
+# ---------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, logits, values):
+    """Fold one key block into the running (acc [M, D], max [M], sum [M]); logits [M, N], values [N, D]."""
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
+def paged_attention_kernel(
+    out_ptr, q_ptr, k_ptr, v_ptr, pool_ptr, block_table_ptr, prefix_lens_ptr, mask_ptr,
+    seq_len, num_pages, max_pages, layer,
+    NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    SCALE: tl.constexpr, FILL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(S, BLOCK_M), H, B): BLOCK_M queries of one head; prefix pages, then the suffix."""
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1)
+    kvh = h // (NUM_HEADS // KV_HEADS)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query index [M]
+    d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seq_len
+    q_off = ((b * NUM_HEADS + h) * seq_len + rows[:, None]) * HEAD_DIM + d[None, :]
+    q_mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_prefix = tl.load(prefix_lens_ptr + b)
+    v_shift = num_pages * PAGE_SIZE * KV_HEADS * HEAD_DIM
+    for start in range(0, n_prefix, BLOCK_N):  # prefix: BLOCK_N logical positions, any pages
+        t = start + tl.arange(0, BLOCK_N)
+        t_ok = t < n_prefix
+        page = tl.load(block_table_ptr + b * max_pages + t // PAGE_SIZE, mask=t_ok, other=0)
+        slot = ((layer * 2 * num_pages + tl.maximum(page, 0)) * PAGE_SIZE + t % PAGE_SIZE) * KV_HEADS + kvh
+        kv_off = slot[:, None] * HEAD_DIM + d[None, :]
+        kv_mask = t_ok[:, None] & (d[None, :] < HEAD_DIM)
+        keys = tl.load(pool_ptr + kv_off, mask=kv_mask, other=0.0)
+        values = tl.load(pool_ptr + v_shift + kv_off, mask=kv_mask, other=0.0)
+        logits = tl.dot(q, tl.trans(keys), input_precision="ieee") * SCALE
+        logits = tl.where(t_ok[None, :], logits, FILL)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, logits, values)
+
+    for start in range(0, seq_len, BLOCK_N):  # suffix: own keys under suffix_mask
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < seq_len
+        kv_off = ((b * KV_HEADS + kvh) * seq_len + j[:, None]) * HEAD_DIM + d[None, :]
+        kv_mask = j_ok[:, None] & (d[None, :] < HEAD_DIM)
+        keys = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        values = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        allowed = tl.load(mask_ptr + rows[:, None] * seq_len + j[None, :],
+                          mask=row_ok[:, None] & j_ok[None, :], other=0)  # fmt: skip
+        logits = tl.dot(q, tl.trans(keys), input_precision="ieee") * SCALE
+        logits = tl.where(allowed != 0, logits, FILL)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, logits, values)
+
+    tl.store(out_ptr + q_off, acc / l_i[:, None], mask=q_mask)
+
+
+def launch_config(num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float) -> dict:
+    """Constexprs of `paged_attention_kernel` for a model (shared by the launcher and AOT).
+
+    `scale` is a constexpr because TensorRT AOT plugins pass only int32 scalars to a kernel.
+    """
+    if head_dim > MAX_HEAD_DIM or num_heads % kv_heads:
+        problem = f"{head_dim=} (max {MAX_HEAD_DIM}), {num_heads=}, {kv_heads=} (must divide heads)"
+        raise ValueError(f"unsupported paged attention shape: {problem}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return {
+        "NUM_HEADS": num_heads, "KV_HEADS": kv_heads, "HEAD_DIM": head_dim, "PAGE_SIZE": page_size,
+        "SCALE": float(scale), "FILL": MASK_FILL,
+        "BLOCK_M": 16, "BLOCK_N": 16 if block_d > 128 else 32, "BLOCK_D": block_d,
+    }  # fmt: skip
+
+
+GRID_RULE = "(cdiv(S, BLOCK_M), H, B): S = q.shape[2], H = q.shape[1], B = q.shape[0]"
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pool: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    layer: int,
+    scale: float,
+) -> torch.Tensor:
+    """Triton paged attention; same contract as `paged_attention`. Returns a new [B, H, S, D]."""
+    batch, heads, seq_len, head_dim = q.shape
+    _, _, num_pages, page_size, kv_heads, _ = pool.shape
+    q, k, v, block_table, prefix_lens, suffix_mask = (
+        t.contiguous() for t in (q, k, v, block_table, prefix_lens, suffix_mask)
+    )
+    out = torch.empty_like(q)
+    config = launch_config(heads, kv_heads, head_dim, page_size, scale)
+    grid = (triton.cdiv(seq_len, config["BLOCK_M"]), heads, batch)
+    check_triton_device(q.device)
+    paged_attention_kernel[grid](
+        out, q, k, v, pool, block_table, prefix_lens, suffix_mask,
+        seq_len, num_pages, block_table.shape[1], layer, **config,
+    )  # fmt: skip
+    return out

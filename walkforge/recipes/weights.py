@@ -1,0 +1,110 @@
+"""Declarative, strict weight loading.
+
+A `KeyMap` maps checkpoint key prefixes to module key prefixes (both ways, so errors can name
+the checkpoint key a module parameter expects). `load_strict` consumes every checkpoint
+tensor or fails: each one maps to a module parameter of the same shape, or matches an
+`ignore` pattern; every module parameter is filled. Only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from walkforge.errors import WalkforgeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """`prefixes`: (checkpoint prefix, module prefix) pairs, first match wins.
+    `ignore`: regexes of checkpoint keys that are deliberately unused."""
+
+    prefixes: tuple[tuple[str, str], ...]
+    ignore: tuple[str, ...] = ()
+
+    def to_module(self, ckpt_key: str) -> str | None:
+        for ck, mk in self.prefixes:
+            if ckpt_key.startswith(ck):
+                return mk + ckpt_key[len(ck):]
+        return None
+
+    def to_checkpoint(self, module_key: str) -> str:
+        for ck, mk in self.prefixes:
+            if module_key.startswith(mk):
+                return ck + module_key[len(mk):]
+        return module_key
+
+    def ignored(self, ckpt_key: str) -> bool:
+        return any(re.search(p, ckpt_key) for p in self.ignore)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (or of every *.safetensors in a folder)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise WalkforgeError(f"no safetensors weights found at {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own types for corrupt headers
+            raise WalkforgeError(f"{f}: not a readable safetensors file ({exc})") from None
+    return tensors
+
+
+def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                keymap: KeyMap) -> dict[str, int]:
+    """Load `tensors` into `module` through `keymap`; return counts (loaded, ignored)."""
+    wanted = module.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    ignored = 0
+    for ckpt_key in sorted(tensors):
+        tensor = tensors[ckpt_key]
+        module_key = keymap.to_module(ckpt_key)
+        if module_key is None or module_key not in wanted:
+            if keymap.ignored(ckpt_key):
+                ignored += 1
+                continue
+            raise WalkforgeError(
+                f"unexpected checkpoint tensor '{ckpt_key}' {list(tensor.shape)}: "
+                "not used by the model and not listed as ignored"
+            )
+        target = wanted[module_key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise WalkforgeError(
+                f"checkpoint tensor '{ckpt_key}' has shape {list(tensor.shape)}, "
+                f"the model expects {list(target.shape)}"
+            )
+        state[module_key] = tensor.to(target.dtype)
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        first = missing[0]
+        raise WalkforgeError(
+            f"checkpoint is missing '{keymap.to_checkpoint(first)}' "
+            f"{list(wanted[first].shape)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    module.load_state_dict(state, strict=True)
+    log.info("loaded %d tensors, ignored %d", len(state), ignored)
+    return {"loaded": len(state), "ignored": ignored}
+
+
+def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()

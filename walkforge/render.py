@@ -1,0 +1,64 @@
+"""Rich tables for manifests, verify results and bench reports (CLI and demo)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def shape(spec: dict[str, Any]) -> str:
+    return escape(f"{spec['name']} [{', '.join(map(str, spec['shape']))}] {spec['dtype']}")
+
+
+def show_manifest(console: Console, m: dict[str, Any]) -> None:
+    w = m["weights"]
+    console.print(f"[bold]{m['recipe']}[/bold] variant={m.get('variant')}  format v{m['format_version']}  "
+              f"walkforge {m['walkforge_version']}  created {m.get('created')}")
+    console.print(f"weights: {w['fingerprint']}  ({w['parameters']:,} parameters, source {w['source']})")
+    console.print(escape(f"precision: {json.dumps(m['precision'])}"))
+    console.print(escape(f"plan: {json.dumps(m['plan'])}"))
+    table = Table("walk", "inputs", "outputs", "nodes", "size")
+    for name, walk in m["walks"].items():
+        size = sum(f["size"] for rel, f in m["files"].items() if rel.startswith(walk["onnx"]))
+        table.add_row(name, "\n".join(map(shape, walk["inputs"])), "\n".join(map(shape, walk["outputs"])),
+                      str(sum(walk["ops"].values())), mb(size))
+    console.print(table)
+    targets = Table("target", "backend", "versions")
+    for name, t in m["targets"].items():
+        targets.add_row(name, f"{t['backend']} ({t.get('provider', '')})", json.dumps(t["versions"]))
+    console.print(targets)
+    files = Table("file", "size", "sha256")
+    for rel, f in m["files"].items():
+        files.add_row(rel, mb(f["size"]), f["sha256"][:16] + "…")
+    console.print(files)
+
+
+def show_verify(console: Console, result: dict[str, Any]) -> None:
+    table = Table(f"{result['backend']} vs torch", "cosine", "rel err", "max abs")
+    for name, a in result["walks"].items():
+        table.add_row(f"walk {name}", f"{a['cosine']:.7f}", f"{a['rel']:.2e}", f"{a['max_abs']:.2e}")
+    for name, a in result["end_to_end"].items():
+        table.add_row(f"end to end: {name}", f"{a['cosine']:.7f}", f"{a['rel']:.2e}", f"{a['max_abs']:.2e}")
+    console.print(table)
+
+
+def show_bench(console: Console, report: dict[str, Any]) -> None:
+    console.print(f"{report['machine']}, batch {report['batch']}")
+    table = Table("backend", "walk", "median ms", "p90 ms", "calls", "× torch")
+    ratios = report.get("ratio_vs_torch", {})
+    for backend, r in report["results"].items():
+        rows = [*r["walks"].items(), ("end to end", r["end_to_end"])]
+        for walk, s in rows:
+            key = "end_to_end" if walk == "end to end" else walk
+            ratio = ratios.get(backend, {}).get(key)
+            table.add_row(backend, walk, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", str(s["n"]),
+                          f"{ratio:.2f}" if ratio is not None else "ref")
+    console.print(table)

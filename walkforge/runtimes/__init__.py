@@ -1,0 +1,1 @@
+"""walkforge runtimes."""
