@@ -18,7 +18,7 @@ from rich.console import Console
 from walkforge import render
 from walkforge.errors import WalkforgeError
 
-out = Console()
+stdout = Console()
 err = Console(stderr=True)
 
 
@@ -92,7 +92,7 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    render.show_manifest(out, manifest)
+    render.show_manifest(stdout, manifest)
 
 
 @cli.command("inputs")
@@ -148,7 +148,7 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        render.show_verify(out, result)
+        render.show_verify(stdout, result)
 
 
 @cli.command("bench")
@@ -170,7 +170,7 @@ def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, 
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        render.show_bench(out, report)
+        render.show_bench(stdout, report)
 
 
 @cli.command("demo")
@@ -180,7 +180,7 @@ def demo_cmd(out: Path) -> None:
     """Compile the tiny pi0 recipe, run it, and print actions, parity and latency."""
     from walkforge.demo import demo
 
-    demo(out, out)
+    demo(out, stdout)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -26,7 +26,8 @@ def demo(out: Path, out_console: Console | None = None) -> dict:
     actions = load(bundle).run(feeds)["actions"]
     console.print(f"[bold]actions[/bold] {list(actions.shape)}: mean {actions.mean():+.4f}, "
                   f"std {actions.std():.4f}, range [{actions.min():+.3f}, {actions.max():+.3f}]")
-    console.print(f"request 0, first action, first 6 dims: {np.round(actions[0, 0, :6], 4).tolist()}")
+    first = np.array2string(actions[0, 0, :6], precision=4, separator=", ")
+    console.print(f"request 0, first action, first 6 dims: {first}")
     result = verify(bundle)
     show_verify(console, result)
     report = bench(out, iters=10)

@@ -22,6 +22,8 @@ from walkforge.plugins.constants import PAGE_SIZE
 logger = logging.getLogger(__name__)
 
 WARP_SIZE = 32
+FP_FUSION = True
+"""Let ptxas fuse multiply-adds (Triton 3.9 default, set explicitly; Triton 3.10 flips the default)."""
 
 KV_CACHE_WRITE_SIGNATURE = {
     "pool_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
@@ -51,6 +53,32 @@ def ptx_isa(ptx: str) -> str:
     return match.group(1)
 
 
+def ptx_param_count(ptx: str, name: str) -> int:
+    """Number of parameters of the `.entry name(...)` in a PTX text."""
+    match = re.search(rf"\.entry\s+{re.escape(name)}\s*\((.*?)\)", ptx, re.DOTALL)
+    if match is None:
+        raise ValueError(f"PTX has no entry {name!r}")
+    return match.group(1).count(".param")
+
+
+def _launch_facts(kernel, signature: dict) -> dict:
+    """What a launcher must know beyond the signature.
+
+    Triton appends hidden pointer parameters (global scratch, profile scratch) after the
+    signature's arguments; pass null for them when their sizes are 0. Shared memory above 48 KiB
+    needs the dynamic shared memory opt-in on the function before launch.
+    """
+    md = kernel.metadata
+    return {
+        "num_warps": md.num_warps,
+        "block_dim": md.num_warps * WARP_SIZE,
+        "shared_mem": md.shared,
+        "hidden_params": ptx_param_count(kernel.asm["ptx"], md.name) - len(signature),
+        "global_scratch_size": md.global_scratch_size,
+        "profile_scratch_size": md.profile_scratch_size,
+    }
+
+
 def _kernels(num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float) -> list[tuple]:
     """(jit function, runtime signature, constexprs, grid rule) of every plugin kernel."""
     return [
@@ -78,7 +106,9 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: 
     source = ASTSource(fn, full_signature, constexprs)
     try:
         kernel = triton.compile(
-            source, target=GPUTarget("cuda", cc, WARP_SIZE), options={"num_warps": num_warps}
+            source,
+            target=GPUTarget("cuda", cc, WARP_SIZE),
+            options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION},
         )
     except Exception as error:  # any backend failure (ptxas, unsupported arch): name what failed
         raise RuntimeError(f"AOT compile of {fn.__name__} for {arch} failed: {error}") from error
@@ -94,8 +124,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: 
         "sha256": hashlib.sha256(cubin).hexdigest(),
         "signature": dict(signature),
         "constexprs": dict(constexprs),
-        "num_warps": kernel.metadata.num_warps,
-        "shared_mem": kernel.metadata.shared,
+        "enable_fp_fusion": FP_FUSION,
+        **_launch_facts(kernel, signature),
     }
 
 

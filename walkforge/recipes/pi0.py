@@ -109,6 +109,17 @@ def make_attention_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.
     return allowed & pad_mask[:, None, :] & pad_mask[:, :, None]
 
 
+def suffix_attention_mask(prefix_mask: torch.Tensor, pad_mask: torch.Tensor, ar_mask: torch.Tensor
+                          ) -> torch.Tensor:
+    """The suffix rows of the full mask, over keys [prefix, suffix]: bool [B, 1, S, P+S].
+
+    The suffix's ar cumsum is ≥ 1 > 0 = the prefix's, so every real suffix token sees every
+    real prefix token; among themselves the suffix tokens follow `make_attention_mask`.
+    """
+    to_prefix = prefix_mask[:, None, :] & pad_mask[:, :, None]  # [B, S, P]
+    return torch.cat([to_prefix, make_attention_mask(pad_mask, ar_mask)], dim=-1)[:, None]
+
+
 def attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                     cache_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The one place the suffix reads the prefix cache: keys = [cached prefix, own suffix].
@@ -200,13 +211,10 @@ class Pi0Model(nn.Module):
                      ) -> torch.Tensor:
         """One Euler step: x_t [B, H, A], t [B], dt [1] → x_t + dt · v(x_t, t), [B, H, A].
 
-        The suffix sees every real prefix token (its ar cumsum is ≥ 1 > 0), so its mask over
-        [prefix, suffix] keys is prefix_mask beside the suffix's own cumsum mask.
         Suffix positions continue after the real prefix tokens: n_valid_prefix + arange(S).
         """
         x, pad, ar = self.embed_suffix(state, x_t, t)
-        to_prefix = prefix_mask[:, None, :] & pad[:, :, None]  # [B, S, P]
-        mask = torch.cat([to_prefix, make_attention_mask(pad, ar)], dim=-1)[:, None]  # [B, 1, S, P+S]
+        mask = suffix_attention_mask(prefix_mask, pad, ar)  # [B, 1, S, P+S]
         positions = prefix_mask.long().sum(-1, keepdim=True) + torch.arange(x.shape[1], device=x.device)
         table = rope(positions, self.cfg.expert.head_dim, self.cfg.expert.rope_base)
         for i, layer in enumerate(self.expert.layers):
@@ -233,6 +241,7 @@ class Pi0Model(nn.Module):
 
 
 def build(cfg: Pi0Config) -> Pi0Model:
+    """pi0 modules with default init; the caller seeds them or loads a checkpoint."""
     return Pi0Model(cfg)
 
 
@@ -321,8 +330,8 @@ def read_checkpoint(folder: Path) -> tuple[Pi0Config, dict[str, torch.Tensor]]:
 # --- walks and inputs --------------------------------------------------------------------
 
 def fake_inputs(cfg: Pi0Config, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Valid run-time inputs; `x_t` is the initial noise. Request 0's last camera is masked
-    off (when V > 1) and prompt lengths differ per request (right-padded with id 0)."""
+    """Valid run-time inputs (Pi0Policy's, `noise` = the initial x_t). Request 0's last camera
+    is masked off (when V > 1) and prompt lengths differ per request (right-padded with id 0)."""
     rng = np.random.default_rng(seed)
     v, n, s = cfg.num_views, cfg.max_prompt_len, cfg.vision.image_size
     image_masks = np.ones((batch, v), dtype=bool)
@@ -337,7 +346,7 @@ def fake_inputs(cfg: Pi0Config, batch: int = 1, seed: int = 0) -> dict[str, np.n
         "prompt_ids": prompt_ids.astype(np.int64),
         "prompt_mask": prompt_mask,
         "state": rng.uniform(-1, 1, (batch, cfg.state_dim)).astype(np.float32),
-        "x_t": rng.standard_normal((batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
+        "noise": rng.standard_normal((batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
     }
 
 
@@ -351,6 +360,7 @@ class _Walk(Pi0Model):
     def __init__(self, model: Pi0Model) -> None:
         nn.Module.__init__(self)
         self.cfg = model.cfg
+        self.train(model.training)
         for name in self.parts:
             self.add_module(name, getattr(model, name))
 
@@ -417,6 +427,7 @@ def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.d
     given = {k: torch.from_numpy(a) for k, a in fake_inputs(cfg, batch=2).items()}
     n = cfg.vision.tokens
     given["prefix_mask"] = torch.cat([given["image_masks"].repeat_interleave(n, 1), given["prompt_mask"]], 1)
+    given["x_t"] = given.pop("noise")
     given["t"] = torch.full((2,), 0.7)
     given["dt"] = torch.full((1,), -1.0 / cfg.num_steps)
     gen = torch.Generator().manual_seed(0)

@@ -57,7 +57,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
+                for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                     tensors[key] = fh.get_tensor(key)
         except Exception as exc:  # safetensors raises its own types for corrupt headers
             raise WalkforgeError(f"{f}: not a readable safetensors file ({exc})") from None

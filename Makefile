@@ -1,0 +1,35 @@
+# walkforge — every target installs what it needs first (idempotent).
+PYTHON ?= python3
+STAMP := build/.installed
+
+.PHONY: install demo test test-fast lint bench gpu-check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	@mkdir -p build && touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: compile tiny pi0, run it, print actions, parity vs torch and latency.
+demo: $(STAMP)
+	$(PYTHON) -m walkforge.cli demo -o build/pi0-tiny
+
+## The test suite (CPU only; GPU/TensorRT tests skip with a reason).
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+
+## Benchmarks (not run in CI): bundles vs the torch reference, each backend in its own process.
+bench: $(STAMP)
+	$(PYTHON) -m walkforge.cli compile vae --variant sd -o build/vae-sd --force
+	$(PYTHON) -m walkforge.cli bench build/vae-sd --dim height=32 --dim width=32
+	$(PYTHON) -m walkforge.cli compile pi0 --variant small -o build/pi0-small --force
+	$(PYTHON) -m walkforge.cli bench build/pi0-small
+
+clean:
+	rm -rf build reports

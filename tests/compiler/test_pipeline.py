@@ -1,0 +1,212 @@
+"""The compile pipeline on the VAE recipe: manifest contents, stage failures, and parity of
+bundles compiled from diffusers checkpoints with diffusers' own AutoencoderKL.decode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import VAE_TINY_SEED, make_diffusers_vae
+from safetensors.torch import load_file, save_file
+
+import walkforge
+from walkforge.compiler import pipeline
+from walkforge.compiler.pipeline import CompileRequest, Job, compile_bundle
+from walkforge.compiler.progress import Progress
+from walkforge.errors import CompileError
+from walkforge.recipes import vae
+from walkforge.recipes.configs import to_dict
+from walkforge.recipes.weights import fingerprint
+
+BUNDLE_VS_DIFFUSERS_TOL = 1e-4  # relative max error: max|bundle - diffusers| / max|diffusers|
+CHECK_COSINE_MIN = 0.99999
+STAGE_NAMES = ["load", "trace", "passes", "check", "build", "package"]
+
+
+def rel_max_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def no_leftovers(out: Path) -> None:
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
+
+
+def load_stage(request: CompileRequest, stage_dir: Path) -> dict:
+    """Run only the `load` stage into `stage_dir`; return the manifest it filled."""
+    stage_dir.mkdir(parents=True)
+    job = Job(request, stage_dir, Progress(enabled=False))
+    pipeline.load(job)
+    return job.manifest
+
+
+def parity_with_diffusers(bundle: Path, reference: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    latents = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    got = walkforge.load(bundle).decode(latents.numpy())
+    with torch.no_grad():
+        want = reference.decode(latents).sample.numpy()
+    assert got.shape == want.shape
+    return rel_max_err(got, want)
+
+
+# -- random-weight compile --------------------------------------------------------------
+
+
+def test_tiny_manifest(tiny_bundle: Path) -> None:
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert (m["recipe"], m["variant"]) == ("vae", "tiny")
+    assert m["config"] == to_dict(vae.VARIANTS["tiny"])
+    weights = m["weights"]
+    assert weights["source"] == "random" and weights["seed"] == VAE_TINY_SEED
+    assert weights["fingerprint"] == fingerprint(load_file(str(tiny_bundle / weights["file"])))
+    assert weights["parameters"] == sum(t.numel() for t in load_file(str(tiny_bundle / weights["file"])).values())
+
+    decode = m["walks"]["decode"]
+    assert decode["inputs"] == [{"name": "latents", "dtype": "float32",
+                                 "shape": ["batch", 4, "height", "width"]}]
+    assert [o["name"] for o in decode["outputs"]] == ["sample"]
+    assert decode["outputs"][0]["shape"][:2] == ["batch", 3]
+    assert decode["ops"]["Conv"] > 0
+    assert not any("::" in op for op in decode["ops"])  # the VAE uses no custom op
+    assert m["plan"] == ["decode"]
+
+    cpu = m["targets"]["cpu"]
+    assert cpu["backend"] == "onnxruntime" and cpu["walks"] == {"decode": "walks/decode.onnx"}
+    assert cpu["versions"]["opset"] == pipeline.OPSET
+    check = m["check"]["decode"]
+    assert check["cosine"] > CHECK_COSINE_MIN
+    assert check["rel"] <= pipeline.CHECK_REL_TOL
+    # the manifest is written by `package`, so package's own counts are not in it
+    assert list(m["stages"])[:5] == STAGE_NAMES[:5]
+    assert len(m["files"]) == 2
+
+
+def test_load_stage_fingerprint_follows_seed(tmp_path: Path, tiny_bundle: Path) -> None:
+    recorded = json.loads((tiny_bundle / "manifest.json").read_text())["weights"]["fingerprint"]
+    same = load_stage(CompileRequest("vae", tmp_path / "o", seed=VAE_TINY_SEED), tmp_path / "a")
+    other = load_stage(CompileRequest("vae", tmp_path / "o", seed=VAE_TINY_SEED + 1), tmp_path / "b")
+    assert same["weights"]["fingerprint"] == recorded
+    assert other["weights"]["fingerprint"] != recorded
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+def test_later_stage_failure_names_stage_and_leaves_nothing(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "CHECK_REL_TOL", -1.0)  # any agreement now counts as broken
+    out = tmp_path / "bundle"
+    with pytest.raises(CompileError) as info:
+        compile_bundle(CompileRequest("vae", out))
+    err = info.value
+    assert err.stage == "check"
+    assert err.done == ["load", "trace", "passes"]
+    message = str(err)
+    assert message.startswith("compile failed at stage 'check' (finished: load, trace, passes): ")
+    assert "walk 'decode' ONNX disagrees with torch" in message
+    assert "\n" not in message
+    no_leftovers(out)
+
+
+def test_load_failure_keeps_existing_output(tmp_path: Path) -> None:
+    overrides = tmp_path / "cfg.json"
+    overrides.write_text(json.dumps({"block_out_chanels": [32, 64]}))
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous bundle")
+    with pytest.raises(CompileError) as info:
+        compile_bundle(CompileRequest("vae", out, config_file=overrides, force=True))
+    assert info.value.stage == "load" and info.value.done == []
+    assert "(finished: nothing)" in str(info.value)
+    assert "unknown config key 'block_out_chanels'" in str(info.value)
+    assert "did you mean 'block_out_channels'" in str(info.value)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle.")] == []
+
+
+def test_variant_and_checkpoint_together_refused(tmp_path: Path, tiny_checkpoint) -> None:
+    out = tmp_path / "bundle"
+    with pytest.raises(CompileError, match="stage 'load'.*either --variant or --checkpoint"):
+        compile_bundle(CompileRequest("vae", out, variant="tiny", checkpoint=tiny_checkpoint[1]))
+    no_leftovers(out)
+
+
+def test_internal_error_keeps_its_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(job: Job) -> dict[str, int]:
+        (job.stage_dir / "junk").write_text("half-written")
+        raise ZeroDivisionError("a bug, not a user error")
+
+    monkeypatch.setattr(pipeline, "STAGES", (("load", broken), *pipeline.STAGES[1:]))
+    out = tmp_path / "bundle"
+    with pytest.raises(ZeroDivisionError):
+        compile_bundle(CompileRequest("vae", out))
+    no_leftovers(out)
+
+
+def test_config_override_applies(tmp_path: Path) -> None:
+    overrides = tmp_path / "cfg.json"
+    overrides.write_text(json.dumps({"mid_block_add_attention": False}))
+    manifest = load_stage(CompileRequest("vae", tmp_path / "o", config_file=overrides), tmp_path / "s")
+    assert manifest["config"]["mid_block_add_attention"] is False
+    assert manifest["config"]["block_out_channels"] == [32, 64]
+
+
+# -- diffusers checkpoints --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "vae-tiny-ckpt"
+    compile_bundle(CompileRequest("vae", out, checkpoint=tiny_checkpoint[1]))
+    return out
+
+
+def test_checkpoint_source_recorded(tiny_checkpoint_bundle: Path, tiny_checkpoint) -> None:
+    reference, folder = tiny_checkpoint
+    m = walkforge.load(tiny_checkpoint_bundle).manifest
+    assert m["weights"]["source"] == "checkpoint"
+    assert m["weights"]["path"] == str(folder)
+    assert m["weights"]["loaded"] == len(vae.build(vae.VARIANTS["tiny"]).state_dict())
+    encoder = [k for k in reference.state_dict() if k.startswith(("encoder.", "quant_conv."))]
+    assert m["weights"]["ignored"] == len(encoder) > 0
+    assert m["config"] == to_dict(vae.VARIANTS["tiny"])
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 12, 10), (3, 4, 12, 10)])
+def test_checkpoint_bundle_matches_diffusers(tiny_checkpoint_bundle: Path, tiny_checkpoint,
+                                             shape: tuple[int, ...]) -> None:
+    # the trace example is 2×4×8×8: these sizes exercise the dynamic axes
+    assert parity_with_diffusers(tiny_checkpoint_bundle, tiny_checkpoint[0], shape) \
+        <= BUNDLE_VS_DIFFUSERS_TOL
+
+
+def test_fingerprint_changes_with_one_weight(tmp_path: Path, tiny_checkpoint) -> None:
+    _, folder = tiny_checkpoint
+    changed = Path(shutil.copytree(folder, tmp_path / "changed"))
+    st = changed / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(st))
+    tensors["decoder.conv_in.bias"][0] += 1e-3
+    save_file(tensors, str(st))
+    a = load_stage(CompileRequest("vae", tmp_path / "o", checkpoint=folder), tmp_path / "a")
+    b = load_stage(CompileRequest("vae", tmp_path / "o", checkpoint=changed), tmp_path / "b")
+    again = load_stage(CompileRequest("vae", tmp_path / "o", checkpoint=folder), tmp_path / "c")
+    assert a["weights"]["fingerprint"] == again["weights"]["fingerprint"]
+    assert a["weights"]["fingerprint"] != b["weights"]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_sd_shaped_checkpoint_matches_diffusers(tmp_path: Path) -> None:
+    cfg = vae.VARIANTS["sd"]
+    assert (cfg.block_out_channels, cfg.layers_per_block) == ((128, 256, 512, 512), 2)
+    reference = make_diffusers_vae(cfg)
+    folder = tmp_path / "sd-vae"
+    reference.save_pretrained(folder, safe_serialization=True)
+    out = tmp_path / "bundle"
+    manifest = compile_bundle(CompileRequest("vae", out, checkpoint=folder))
+    assert manifest["config"] == to_dict(cfg)
+    assert manifest["check"]["decode"]["cosine"] > CHECK_COSINE_MIN
+    assert parity_with_diffusers(out, reference, (1, 4, 8, 8)) <= BUNDLE_VS_DIFFUSERS_TOL

@@ -1,0 +1,78 @@
+"""Shared fixtures: the tiny VAE bundle (compiled once per session) and diffusers checkpoints.
+
+Tests that tamper with a bundle take `tiny_bundle_copy` (a fresh copy per test); the
+session bundle itself must stay untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+VAE_TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`walkforge compile vae --variant tiny`, random weights (seed 0); do not modify."""
+    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+
+    out = tmp_path_factory.mktemp("session") / "vae-tiny"
+    compile_bundle(CompileRequest("vae", out, variant="tiny", seed=VAE_TINY_SEED))
+    return out
+
+
+@pytest.fixture
+def tiny_bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the session bundle, free to tamper with."""
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+def make_diffusers_vae(cfg, seed: int = 0):
+    """A diffusers AutoencoderKL shaped like VaeConfig `cfg`; random weights, norms off 1/0."""
+    import torch
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    n = len(cfg.block_out_channels)
+    model = diffusers.AutoencoderKL(
+        block_out_channels=cfg.block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        out_channels=cfg.out_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        use_quant_conv=cfg.use_post_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv,
+        mid_block_add_attention=cfg.mid_block_add_attention,
+    ).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.add_(0.3 * torch.randn_like(module.weight))
+                module.bias.add_(0.3 * torch.randn_like(module.bias))
+    return model
+
+
+@pytest.fixture(scope="session")
+def diffusers_checkpoint() -> Callable:
+    """`diffusers_checkpoint(variant, folder)` → (AutoencoderKL, folder saved as safetensors)."""
+
+    def save(variant: str, folder: Path):
+        from walkforge.recipes import vae
+
+        model = make_diffusers_vae(vae.VARIANTS[variant])
+        model.save_pretrained(folder, safe_serialization=True)
+        return model, folder
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, diffusers_checkpoint: Callable):
+    """(diffusers AutoencoderKL, its saved folder) matching the `tiny` variant; do not modify."""
+    return diffusers_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "vae-tiny")

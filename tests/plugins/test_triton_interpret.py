@@ -1,0 +1,52 @@
+"""Triton kernels under TRITON_INTERPRET=1 vs the eager ops, in one subprocess.
+
+A subprocess because Triton fixes interpreter vs JIT for every `@triton.jit` function, its own
+`tl.zeros`/`tl.max` included, when `triton` is imported; in this pytest process other test
+modules have already imported it without the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from plugin_cases import ALL_CASES
+
+from walkforge.plugins.kv_cache_write import kv_cache_write_triton
+
+HERE = Path(__file__).parent
+TOL = {"kv_write": 0.0, "attention": 1e-5}
+# every S=1 case plus S=51 cases covering both page sizes, both KV head counts and both head dims
+CASES = [c.id for c in ALL_CASES if c.seq == 1] + [
+    "ps8-kvh1-d16-s51-b4", "ps16-kvh2-d16-s51-b4", "ps8-kvh2-d256-s51-b1", "ps16-kvh1-d256-s51-b1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "triton_interpret_script.py"), *CASES],
+        capture_output=True, text=True, env=env, cwd=HERE, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case_id", CASES)
+@pytest.mark.parametrize("kernel", sorted(TOL))
+def test_kernel_matches_eager(interpreted, case_id, kernel):
+    assert interpreted[case_id][kernel] <= TOL[kernel]
+
+
+def test_cpu_launch_without_interpreter_fails_clearly():
+    pool = torch.zeros(1, 2, 1, 16, 1, 16)
+    k = torch.zeros(1, 1, 1, 1, 16)
+    index = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kv_cache_write_triton(pool, k, k, index, index)

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from walkforge.errors import WalkforgeError
+from walkforge.runtimes.kv_pool import KVPagePool
+
+
+def make(num_pages: int = 8, page_size: int = 4) -> KVPagePool:
+    return KVPagePool(layers=2, kv_heads=1, head_dim=8, page_size=page_size, num_pages=num_pages)
+
+
+def test_buffer_layout():
+    pool = make()
+    assert pool.buffer.shape == (2, 2, 8, 4, 1, 8)
+    assert pool.buffer.dtype == np.float32
+
+
+def test_allocate_rounds_up_to_pages_and_tables_pad_with_minus_one():
+    pool = make()
+    a = pool.allocate("a", 5)  # 2 pages of 4
+    b = pool.allocate("b", 1)
+    assert len(a) == 2 and len(b) == 1 and not set(a) & set(b)
+    table = pool.block_table(["a", "b"])
+    assert table.dtype == np.int64
+    assert table.tolist() == [a, [b[0], -1]]
+    assert pool.free_pages == 5
+
+
+def test_exhaustion_names_need_and_free():
+    pool = make(num_pages=3)
+    pool.allocate("a", 8)
+    with pytest.raises(WalkforgeError, match="need 2 pages, 1 free of 3"):
+        pool.allocate("b", 5)
+    assert pool.free_pages == 1  # the failed request took nothing
+
+
+def test_free_returns_pages_and_long_runs_do_not_leak():
+    pool = make()
+    for i in range(100):
+        pool.allocate(i, 3 + i % 9)
+        pool.allocate(("x", i), 7)
+        pool.free(i)
+        pool.free(("x", i))
+    assert pool.free_pages == pool.num_pages
+
+
+def test_double_allocate_is_refused():
+    pool = make()
+    pool.allocate("a", 1)
+    with pytest.raises(WalkforgeError, match="already holds"):
+        pool.allocate("a", 1)

@@ -1,0 +1,313 @@
+"""FP8 (E4M3) Q/DQ pass: the explicit quantisation TensorRT fuses into FP8 GEMMs and convs.
+
+For every MatMul/Gemm/Conv whose weight is an initializer (directly, or through the
+`Transpose` a Linear leaves with `optimize=False`) the pass rewrites
+
+    x ──────────────────────────┐                x → Q(s_x) → DQ(s_x) ─┐
+    W (fp32) ───────────────── MatMul    into    W8 (fp8) → DQ(s_w[c]) ─ MatMul
+
+Activations are per-tensor (scalar float32 scale); weights are stored as FLOAT8E4M3FN
+initializers (1 byte/element) quantised per output channel, saturating to ±448. Zero points
+are FLOAT8E4M3FN zeros: the Q output type comes from its zero point. The DQ outputs feed the
+GEMM directly, the placement TensorRT fuses on Hopper/Ada. onnxruntime on CPU runs this by
+dequantising (accuracy emulation only; it needs `session.disable_quant_qdq=1`).
+
+Skipped by default: GEMMs whose weight is an embedding table (a Gather's data, or its
+transpose), the first Conv and the last quantisable node of the graph (topological order),
+and nodes matched by `exclude`. Nodes inside model-local functions are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from walkforge.errors import WalkforgeError
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN
+FP8 = onnx.TensorProto.FLOAT8E4M3FN
+MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
+GEMM_OPS = ("MatMul", "Gemm", "Conv")
+NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
+            "SimplifiedLayerNormalization", "SkipLayerNormalization")
+Exclude = Callable[[onnx.NodeProto], bool] | Collection[str] | None
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """A GEMM/conv node with an initializer weight.
+
+    `axis` is the output-channel axis of `weight` as stored; `transpose` is the 2-D Transpose
+    between the initializer and the node, if any (the pass folds it into the fp8 copy).
+    """
+
+    node: onnx.NodeProto
+    activation: str
+    weight: str
+    axis: int
+    transpose: onnx.NodeProto | None = None
+
+    @property
+    def name(self) -> str:
+        return node_name(self.node)
+
+    @property
+    def node_axis(self) -> int:
+        """Output-channel axis of the weight as the node sees it (the DQ axis)."""
+        return 1 - self.axis if self.transpose is not None else self.axis
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def fp8_scales(amax: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:
+    """amax → FP8 E4M3 scale (amax / 448) in float32; zero amax gets a tiny positive scale."""
+    out: dict[str, float | np.ndarray] = {}
+    for name, value in amax.items():
+        arr = np.maximum(np.asarray(value, dtype=np.float32), np.float32(1e-12)) / np.float32(FP8_MAX)
+        out[name] = float(arr) if arr.ndim == 0 else arr.astype(np.float32)
+    return out
+
+
+def weight_uses(model: onnx.ModelProto) -> list[WeightUse]:
+    """The MatMul/Gemm/Conv nodes of the main graph whose weight is an initializer, in order."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}
+    uses = []
+    for node in graph.node:
+        if node.op_type not in GEMM_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        act, w = node.input[0], node.input[1]
+        if act in inits:
+            continue
+        transpose = producers.get(w)
+        if transpose is not None and _is_2d_transpose(transpose, inits):
+            w = transpose.input[0]
+        else:
+            transpose = None
+        if w not in inits:
+            continue
+        rank = len(inits[w].dims)
+        if node.op_type == "Conv" and rank >= 3:
+            axis = 0
+        elif node.op_type == "Gemm" and rank == 2:
+            axis = 0 if _attr(node, "transB", 0) else 1
+        elif node.op_type == "MatMul" and rank == 2:
+            axis = 1
+        else:
+            continue
+        if transpose is not None:
+            axis = 1 - axis  # channel axis in the stored (pre-Transpose) layout
+        uses.append(WeightUse(node, act, w, axis, transpose))
+    return uses
+
+
+def plan_fp8(model: onnx.ModelProto, exclude: Exclude = None,
+             base_dir: str | Path | None = None) -> tuple[list[WeightUse], Counter]:
+    """Which weight uses `quantize_fp8` rewrites, and counts of the ones it skips (by reason)."""
+    uses = weight_uses(model)
+    excluded = _exclude_predicate(exclude)
+    embeddings = _embedding_weights(model, uses, base_dir)
+    convs = [u for u in uses if u.node.op_type == "Conv"]
+    edge = {id(convs[0].node)} if convs else set()
+    edge |= {id(uses[-1].node)} if uses else set()
+    chosen, skipped = [], Counter()
+    for use in uses:
+        if use.weight in embeddings:
+            skipped["skipped_embedding"] += 1
+        elif id(use.node) in edge:
+            skipped["skipped_first_last"] += 1
+        elif excluded(use.node):
+            skipped["skipped_excluded"] += 1
+        else:
+            chosen.append(use)
+    return chosen, skipped
+
+
+def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
+                 weight_scales: Mapping[str, np.ndarray], exclude: Exclude = None,
+                 base_dir: str | Path | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Insert FP8 Q/DQ around every quantisable MatMul/Gemm/Conv; modifies and returns `model`.
+
+    `act_scales` maps an activation tensor name to its per-tensor scale, `weight_scales` a
+    weight initializer name to its per-output-channel scales (see `fp8_scales`). `exclude` is
+    a set of node names or a predicate on the node. `base_dir` locates external weight data
+    not loaded into `model`. Returns counts: quantized_matmul/gemm/conv, qdq_pairs
+    (activation Q→DQ pairs), weights_fp8, skipped_first_last/embedding/excluded/norms.
+    """
+    uses, counts = plan_fp8(model, exclude, base_dir)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    before: dict[int, list[onnx.NodeProto]] = {}  # id(consumer) → nodes to insert before it
+    act_dq: dict[str, str] = {}
+    weight_dq: dict[str, str] = {}
+    fresh = _Names(graph)
+    zero = fresh("fp8_zero")
+    new_inits = [numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), zero)]
+    for use in uses:
+        inserted = before.setdefault(id(use.node), [])
+        if use.activation not in act_dq:
+            act_dq[use.activation] = _quantize_activation(fresh, use, act_scales, zero, inserted, new_inits)
+        key = f"{use.weight}|{use.transpose is not None}"
+        if key not in weight_dq:
+            weight_dq[key] = _quantize_weight(fresh, use, inits[use.weight], weight_scales, base_dir,
+                                              inserted, new_inits)
+        use.node.input[0] = act_dq[use.activation]
+        use.node.input[1] = weight_dq[key]
+        counts[f"quantized_{use.node.op_type.lower()}"] += 1
+    nodes = [new for node in graph.node for new in (*before.get(id(node), []), node)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    _drop_unused(graph, {u.weight for u in uses}, [u.transpose for u in uses if u.transpose])
+    _ensure_opset(model)
+    counts["qdq_pairs"] = len(act_dq)
+    counts["weights_fp8"] = len(weight_dq)
+    counts["skipped_norms"] = count_norms(model)
+    result = {k: counts.get(k, 0) for k in (
+        "quantized_matmul", "quantized_gemm", "quantized_conv", "qdq_pairs", "weights_fp8",
+        "skipped_first_last", "skipped_embedding", "skipped_excluded", "skipped_norms")}
+    log.info("fp8: %s", result)
+    return model, result
+
+
+def count_norms(model: onnx.ModelProto) -> int:
+    """Norm ops in the main graph: fused norm ops plus RMSNorm-style ReduceMean(Pow(x, 2))."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    fused = sum(n.op_type in NORM_OPS for n in model.graph.node)
+    rms = sum(n.op_type == "ReduceMean" and getattr(producers.get(n.input[0]), "op_type", "") == "Pow"
+              for n in model.graph.node)
+    return fused + rms
+
+
+def _quantize_activation(fresh: _Names, use: WeightUse, act_scales: Mapping[str, float],
+                         zero: str, inserted: list, new_inits: list) -> str:
+    if use.activation not in act_scales:
+        raise WalkforgeError(f"fp8: no activation scale for '{use.activation}' (input of node "
+                             f"'{use.name}'); calibration does not match this graph")
+    scale = fresh(f"{use.activation}_fp8_scale")
+    q, dq = fresh(f"{use.activation}_fp8"), fresh(f"{use.activation}_fp8_dq")
+    new_inits.append(numpy_helper.from_array(np.array(act_scales[use.activation], np.float32), scale))
+    inserted += [onnx.helper.make_node("QuantizeLinear", [use.activation, scale, zero], [q], name=fresh(q + "_q")),
+                 onnx.helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=dq)]
+    return dq
+
+
+def _quantize_weight(fresh: _Names, use: WeightUse, tensor: onnx.TensorProto,
+                     weight_scales: Mapping[str, np.ndarray], base_dir: str | Path | None,
+                     inserted: list, new_inits: list) -> str:
+    w = numpy_helper.to_array(tensor, base_dir or "").astype(np.float32)
+    scale = np.asarray(weight_scales.get(use.weight, ()), np.float32).ravel()
+    if scale.shape != (w.shape[use.axis],):
+        raise WalkforgeError(f"fp8: weight '{use.weight}' {list(w.shape)} needs {w.shape[use.axis]} "
+                             f"channel scales (axis {use.axis}), got {list(scale.shape)}")
+    if use.transpose is not None:
+        w = w.T  # fold the Linear's Transpose: store the layout the node consumes
+    axis = use.node_axis
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(w / scale.reshape(shape), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    base = use.weight + ("_t" if use.transpose is not None else "")
+    names = [fresh(f"{base}_fp8{s}") for s in ("", "_scale", "_zero", "_dq")]
+    new_inits += [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
+                  numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), names[2])]
+    inserted.append(onnx.helper.make_node("DequantizeLinear", names[:3], [names[3]], name=names[3],
+                                          axis=axis))
+    return names[3]
+
+
+def _embedding_weights(model: onnx.ModelProto, uses: list[WeightUse],
+                       base_dir: str | Path | None) -> set[str]:
+    """Gather tables, plus GEMM weights equal to a table's transpose (tied heads, constant-folded)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    found = {u.weight for u in uses if u.weight in tables}
+    for table in tables:
+        dims = list(inits[table].dims)
+        for use in uses:
+            w = inits[use.weight]
+            if use.weight not in found and len(dims) == 2 and list(w.dims) == dims[::-1] and np.array_equal(
+                    numpy_helper.to_array(w, base_dir or ""), numpy_helper.to_array(inits[table], base_dir or "").T):
+                found.add(use.weight)
+    return found
+
+
+def _exclude_predicate(exclude: Exclude) -> Callable[[onnx.NodeProto], bool]:
+    if exclude is None:
+        return lambda node: False
+    if callable(exclude):
+        return exclude
+    names = set(exclude)
+    return lambda node: node_name(node) in names
+
+
+def _drop_unused(graph: onnx.GraphProto, weights: set[str], transposes: list[onnx.NodeProto]) -> None:
+    """Remove folded Transposes and fp32 weights that nothing reads any more."""
+    used = _used_names(graph)
+    dead = {id(t) for t in transposes if t.output[0] not in used}
+    if dead:
+        keep = [n for n in graph.node if id(n) not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
+        used = _used_names(graph)
+    keep_inits = [t for t in graph.initializer if t.name not in weights or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:  # subgraphs may read outer-scope initializers
+            for sub in [attr.g, *attr.graphs] if attr.type in (attr.GRAPH, attr.GRAPHS) else []:
+                used |= _used_names(sub)
+    return used
+
+
+def _is_2d_transpose(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
+    return (node.op_type == "Transpose" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
+            and list(_attr(node, "perm", [1, 0])) == [1, 0])
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+class _Names:
+    """Fresh tensor/node names: `name`, suffixed where the graph (or this pass) already uses it."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        self.taken |= {o for n in graph.node for o in (*n.output, n.name)}
+
+    def __call__(self, name: str) -> str:
+        candidate, k = name, 0
+        while candidate in self.taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        self.taken.add(candidate)
+        return candidate
+
+
+def _ensure_opset(model: onnx.ModelProto) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, MIN_OPSET)
+            return
+    model.opset_import.append(onnx.helper.make_opsetid("", MIN_OPSET))
