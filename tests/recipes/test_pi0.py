@@ -88,7 +88,8 @@ def test_suffix_mask_is_the_full_rule_split_at_the_cache() -> None:
     mask, p, _ = full_mask()
     pad = torch.ones(1, 4, dtype=torch.bool)
     ar = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
-    split = pi0.suffix_attention_mask(torch.tensor([[1, 1, 1, 0, 1]], dtype=torch.bool), pad, ar)
+    suffix = pi0.make_attention_mask(pad, ar)[0]
+    split = pi0.suffix_attention_mask(torch.tensor([[1, 1, 1, 0, 1]], dtype=torch.bool), suffix)
     assert torch.equal(split[:, 0], mask[:, p:])
 
 
@@ -264,8 +265,8 @@ def test_mismatched_expert_is_refused() -> None:
 def test_walk_contracts_and_fake_inputs(model: pi0.Pi0Model) -> None:
     seq = pi0.walks(model, CFG)
     assert seq.plan()[:2] == ["vision", "prefill"] and seq.plan()[2]["carry"] == {"x_next": "x_t"}
-    p = 2 * 256 + 16
-    assert seq.node("prefill").outputs[0].shape == (2, "batch", 1, p, 16)
+    assert seq.node("prefill").outputs[0].shape == (2, 2, "num_pages", 16, 1, 16)
+    assert dict(seq.node("prefill").aliases) == {"kv_pool_out": "kv_pool"}
     dims: dict[str, int] = {}
     for name, value in pi0.fake_inputs(CFG, batch=3).items():
         name = "x_t" if name == "noise" else name  # the noise is the first x_t
@@ -278,7 +279,9 @@ def test_walk_contracts_and_fake_inputs(model: pi0.Pi0Model) -> None:
         with torch.no_grad():
             out = node.module(*(node.example_inputs[s.name] for s in node.inputs))
         out = out if isinstance(out, tuple) else (out,)
+        bound: dict[str, int] = {}
+        for spec in node.inputs:  # binds batch, num_pages, max_pages from the examples
+            spec.check(node.example_inputs[spec.name].numpy(), bound)
         for tensor, spec in zip(out, node.outputs, strict=True):
-            assert tuple(tensor.shape) == tuple(2 if isinstance(d, str) else d for d in spec.shape)
-            assert str(tensor.dtype).removeprefix("torch.") == spec.dtype
+            spec.check(tensor.numpy(), bound)  # shape, symbolic dims and dtype
     assert np.isfinite(out[0].numpy()).all()

@@ -14,8 +14,8 @@ from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.bench import measure
 from walkforge.runtimes.inputs import example_inputs
-from walkforge.runtimes.verify import verify
 from walkforge.runtimes.vae import VaeDecoder
+from walkforge.runtimes.verify import verify
 
 CPU_VS_TORCH_TOL = 1e-5  # relative max error of onnxruntime fp32 vs the torch reference
 VERIFY_COSINE_MIN = 0.99999

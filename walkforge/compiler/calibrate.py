@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 
 from walkforge.compiler.check import agreement, worst
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import GEMM_OPS, node_name, plan_fp8, quantize_fp8, weight_uses
+from walkforge.graphs.fp8 import GEMM_OPS, ORT_DISABLED_OPTIMIZERS, node_name, plan_fp8, quantize_fp8, weight_uses
 from walkforge.runtimes.onnxruntime import session_options
 
 log = logging.getLogger(__name__)
@@ -189,21 +189,22 @@ def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPro
 
 def _session(model: onnx.ModelProto, base_dir: str | Path | None = None) -> ort.InferenceSession:
     """A CPU session for a throwaway model (a large one may be moved to external data)."""
-    opts, providers = session_options(spinning=False), ["CPUExecutionProvider"]
+    opts = session_options(spinning=False)
+    kw = {"providers": ["CPUExecutionProvider"], "disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS)}
     if base_dir is None and model.ByteSize() < PROTO_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), opts, **kw)
     if base_dir is not None:  # external data paths are relative to base_dir: put the graph there
         fd, name = tempfile.mkstemp(suffix=".onnx", dir=base_dir)
         os.close(fd)
         try:
             onnx.save(model, name)
-            return ort.InferenceSession(name, opts, providers=providers)
+            return ort.InferenceSession(name, opts, **kw)
         finally:
             os.unlink(name)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, opts, providers=providers)
+        return ort.InferenceSession(path, opts, **kw)
 
 
 def _log2_histogram(a: np.ndarray) -> np.ndarray:

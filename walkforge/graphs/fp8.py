@@ -10,7 +10,8 @@ Activations are per-tensor (scalar float32 scale); weights are stored as FLOAT8E
 initializers (1 byte/element) quantised per output channel, saturating to ±448. Zero points
 are FLOAT8E4M3FN zeros: the Q output type comes from its zero point. The DQ outputs feed the
 GEMM directly, the placement TensorRT fuses on Hopper/Ada. onnxruntime on CPU runs this by
-dequantising (accuracy emulation only; it needs `session.disable_quant_qdq=1`).
+dequantising (accuracy emulation only). It needs `session.disable_quant_qdq=1` and the
+optimizers in `ORT_DISABLED_OPTIMIZERS` turned off (below).
 
 Skipped by default: GEMMs whose weight is an embedding table (a Gather's data, or its
 transpose), the first Conv and the last quantisable node of the graph (topological order),
@@ -19,6 +20,7 @@ and nodes matched by `exclude`. Nodes inside model-local functions are not touch
 
 from __future__ import annotations
 
+import ast
 import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
@@ -40,6 +42,11 @@ MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
 GEMM_OPS = ("MatMul", "Gemm", "Conv")
 NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
             "SimplifiedLayerNormalization", "SkipLayerNormalization")
+# onnxruntime's "ReluQuantRewrite" (level 2, not covered by session.disable_quant_qdq) deletes a
+# Relu whose only consumer is a QuantizeLinear unless the zero point is int8 -128 / uint8 0: a
+# FLOAT8 zero point passes its check, so negative values leak through (measured ORT 1.32:
+# cosine 0.93 instead of 0.9998). Pass to InferenceSession(..., disabled_optimizers=...).
+ORT_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
 Exclude = Callable[[onnx.NodeProto], bool] | Collection[str] | None
 
 
@@ -69,6 +76,15 @@ class WeightUse:
 
 def node_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The torch module a dynamo-exported node came from ("fc1", "layers.0.mlp"), or ""."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in ast.literal_eval(prop.value) if s]
+            return ".".join(scopes[:-1])  # the last scope names the op itself
+    return ""
 
 
 def fp8_scales(amax: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:
@@ -143,7 +159,7 @@ def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
 
     `act_scales` maps an activation tensor name to its per-tensor scale, `weight_scales` a
     weight initializer name to its per-output-channel scales (see `fp8_scales`). `exclude` is
-    a set of node names or a predicate on the node. `base_dir` locates external weight data
+    a set of node names or torch module paths ("head"), or a predicate on the node. `base_dir` locates external weight data
     not loaded into `model`. Returns counts: quantized_matmul/gemm/conv, qdq_pairs
     (activation Q→DQ pairs), weights_fp8, skipped_first_last/embedding/excluded/norms.
     """
@@ -171,7 +187,7 @@ def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
-    _drop_unused(graph, {u.weight for u in uses}, [u.transpose for u in uses if u.transpose])
+    _drop_unused(graph, {u.weight for u in uses}, {u.transpose.output[0] for u in uses if u.transpose})
     _ensure_opset(model)
     counts["qdq_pairs"] = len(act_dq)
     counts["weights_fp8"] = len(weight_dq)
@@ -219,7 +235,8 @@ def _quantize_weight(fresh: _Names, use: WeightUse, tensor: onnx.TensorProto,
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(w / scale.reshape(shape), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-    base = use.weight + ("_t" if use.transpose is not None else "")
+    scope = module_path(use.node)  # optimize=True renames folded weights to val_N
+    base = f"{scope}.weight" if scope else use.weight + ("_t" if use.transpose is not None else "")
     names = [fresh(f"{base}_fp8{s}") for s in ("", "_scale", "_zero", "_dq")]
     new_inits += [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
                   numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), names[2])]
@@ -250,15 +267,14 @@ def _exclude_predicate(exclude: Exclude) -> Callable[[onnx.NodeProto], bool]:
     if callable(exclude):
         return exclude
     names = set(exclude)
-    return lambda node: node_name(node) in names
+    return lambda node: node_name(node) in names or module_path(node) in names
 
 
-def _drop_unused(graph: onnx.GraphProto, weights: set[str], transposes: list[onnx.NodeProto]) -> None:
-    """Remove folded Transposes and fp32 weights that nothing reads any more."""
+def _drop_unused(graph: onnx.GraphProto, weights: set[str], transposes: set[str]) -> None:
+    """Remove folded Transposes (by output name) and fp32 weights that nothing reads any more."""
     used = _used_names(graph)
-    dead = {id(t) for t in transposes if t.output[0] not in used}
-    if dead:
-        keep = [n for n in graph.node if id(n) not in dead]
+    keep = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in transposes - used)]
+    if len(keep) < len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
         used = _used_names(graph)

@@ -25,6 +25,8 @@ from torch import nn
 
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import GraphNode, Loop, Sequential, TensorSpec
+from walkforge.plugins import kv_cache_write, paged_attention  # noqa: F401  registers torch.ops.walkforge
+from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.recipes.blocks.gemma import Gemma, GemmaConfig, attend, layer_finish, layer_qkv, rope
 from walkforge.recipes.blocks.siglip import SiglipConfig, SiglipVision
 from walkforge.recipes.weights import KeyMap, read_safetensors
@@ -109,25 +111,52 @@ def make_attention_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.
     return allowed & pad_mask[:, None, :] & pad_mask[:, :, None]
 
 
-def suffix_attention_mask(prefix_mask: torch.Tensor, pad_mask: torch.Tensor, ar_mask: torch.Tensor
-                          ) -> torch.Tensor:
+def suffix_attention_mask(prefix_mask: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
     """The suffix rows of the full mask, over keys [prefix, suffix]: bool [B, 1, S, P+S].
 
-    The suffix's ar cumsum is ≥ 1 > 0 = the prefix's, so every real suffix token sees every
-    real prefix token; among themselves the suffix tokens follow `make_attention_mask`.
+    The suffix's ar cumsum is ≥ 1 > 0 = the prefix's, so every suffix token sees every real
+    prefix token; among themselves the suffix tokens follow `suffix_mask` [S, S] (from
+    `make_attention_mask`). prefix_mask: bool [B, P].
     """
-    to_prefix = prefix_mask[:, None, :] & pad_mask[:, :, None]  # [B, S, P]
-    return torch.cat([to_prefix, make_attention_mask(pad_mask, ar_mask)], dim=-1)[:, None]
+    to_prefix = prefix_mask[:, None, :].expand(-1, suffix_mask.shape[0], -1)  # [B, S, P]
+    return torch.cat([to_prefix, suffix_mask.expand(prefix_mask.shape[0], -1, -1)], dim=-1)[:, None]
 
 
-def attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
-                    cache_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The one place the suffix reads the prefix cache: keys = [cached prefix, own suffix].
+class DenseCache:
+    """The prefix K/V as dense tensors (the eager reference): k/v [L, B, KVH, P, Dh], mask [B, P]."""
 
-    q: [B, H, S, Dh]; k, v: [B, KVH, S, Dh]; cache_k/v: [B, KVH, P, Dh]; mask [B, 1, S, P+S].
-    A paged cache swaps this body for a PagedAttention op; nothing else changes.
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
+        self.k, self.v, self.mask = k, v, mask
+
+    def lengths(self) -> torch.Tensor:
+        return self.mask.long().sum(-1)  # [B]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               suffix_mask: torch.Tensor) -> torch.Tensor:
+        """q: [B, H, S, Dh]; k, v: [B, KVH, S, Dh] → [B, S, H·Dh]; keys = [prefix, own suffix]."""
+        mask = suffix_attention_mask(self.mask, suffix_mask)
+        keys, values = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        return attend(q, keys, values, mask)
+
+
+class PagedCache:
+    """The prefix K/V in the runtime's page pool, read through the PagedAttention op.
+
+    pool [L, 2, NP, PS, KVH, Dh]; block_table int64 [B, MP]; lengths int64 [B] (valid tokens,
+    stored compactly at logical positions 0..lengths-1).
     """
-    return attend(q, torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2), mask)
+
+    def __init__(self, pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.pool, self.block_table, self._lengths = pool, block_table, lengths
+
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               suffix_mask: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.walkforge.paged_attention(q, k, v, self.pool, self.block_table, self._lengths,
+                                                  suffix_mask, layer, q.shape[-1] ** -0.5)
+        return out.transpose(1, 2).flatten(2)  # [B, H, S, Dh] → [B, S, H·Dh]
 
 
 class Pi0Model(nn.Module):
@@ -207,21 +236,34 @@ class Pi0Model(nn.Module):
         return torch.stack(ks), torch.stack(vs), pad
 
     def denoise_step(self, x_t: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, state: torch.Tensor,
-                     prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_mask: torch.Tensor
-                     ) -> torch.Tensor:
+                     cache: DenseCache | PagedCache) -> torch.Tensor:
         """One Euler step: x_t [B, H, A], t [B], dt [1] → x_t + dt · v(x_t, t), [B, H, A].
 
         Suffix positions continue after the real prefix tokens: n_valid_prefix + arange(S).
+        Every real suffix token sees every real prefix token (its ar cumsum is ≥ 1 > 0); among
+        themselves the suffix tokens follow `make_attention_mask`.
         """
         x, pad, ar = self.embed_suffix(state, x_t, t)
-        mask = suffix_attention_mask(prefix_mask, pad, ar)  # [B, 1, S, P+S]
-        positions = prefix_mask.long().sum(-1, keepdim=True) + torch.arange(x.shape[1], device=x.device)
+        suffix_mask = make_attention_mask(pad[:1], ar)[0]  # [S, S]; the suffix has no padding
+        positions = cache.lengths()[:, None] + torch.arange(x.shape[1], device=x.device)
         table = rope(positions, self.cfg.expert.head_dim, self.cfg.expert.rope_base)
         for i, layer in enumerate(self.expert.layers):
             q, k, v = layer_qkv(layer, x, table)
-            x = layer_finish(layer, x, attend_to_cache(q, k, v, prefix_k[i], prefix_v[i], mask))
+            x = layer_finish(layer, x, cache.attend(i, q, k, v, suffix_mask))
         velocity = self.action_out_proj(self.expert.norm(x)[:, -self.cfg.action_horizon:])
         return x_t + dt * velocity
+
+    def prefill_paged(self, image_tokens: torch.Tensor, image_masks: torch.Tensor,
+                      prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, kv_pool: torch.Tensor,
+                      block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill, writing the valid tokens' K/V compactly into the page pool (KVCacheWrite).
+
+        Returns (the updated pool — the runtime binds it to the same buffer — and lengths [B]).
+        """
+        k, v, pad = self.prefill(image_tokens, image_masks, prompt_ids, prompt_mask)
+        positions = torch.where(pad, torch.cumsum(pad.long(), dim=-1) - 1, -1)  # [B, P]; -1 = skip
+        pool = torch.ops.walkforge.kv_cache_write(kv_pool, k, v, block_table, positions)
+        return pool, pad.long().sum(-1)
 
     def sample_actions(self, images: torch.Tensor, image_masks: torch.Tensor, prompt_ids: torch.Tensor,
                        prompt_mask: torch.Tensor, state: torch.Tensor, noise: torch.Tensor,
@@ -236,7 +278,7 @@ class Pi0Model(nn.Module):
         x = noise
         for k in range(steps):
             t = torch.full((x.shape[0],), 1.0 + k * dt, device=x.device)
-            x = self.denoise_step(x, t, torch.tensor([dt], device=x.device), state, *cache)
+            x = self.denoise_step(x, t, torch.tensor([dt], device=x.device), state, DenseCache(*cache))
         return x
 
 
@@ -376,30 +418,31 @@ class PrefillWalk(_Walk):
     parts = ("llm",)
 
     def forward(self, image_tokens: torch.Tensor, image_masks: torch.Tensor, prompt_ids: torch.Tensor,
-                prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.prefill(image_tokens, image_masks, prompt_ids, prompt_mask)
+                prompt_mask: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prefill_paged(image_tokens, image_masks, prompt_ids, prompt_mask, kv_pool, block_table)
 
 
 class DenoiseWalk(_Walk):
     parts = ("expert", *_HEADS)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, state: torch.Tensor,
-                prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
-        return self.denoise_step(x_t, t, dt, state, prefix_k, prefix_v, prefix_mask)
+                kv_pool: torch.Tensor, block_table: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
+        return self.denoise_step(x_t, t, dt, state, PagedCache(kv_pool, block_table, prefix_lens))
 
 
 def walks(model: Pi0Model, cfg: Pi0Config) -> Sequential:
     """vision → prefill → Loop(denoise, num_steps): contracts with a dynamic "batch"."""
-    b, v, s, p = "batch", cfg.num_views, cfg.vision.image_size, cfg.prefix_len
-    kv = (cfg.llm.layers, b, cfg.llm.kv_heads, p, cfg.llm.head_dim)
+    b, v, s = "batch", cfg.num_views, cfg.vision.image_size
+    pool = (cfg.llm.layers, 2, "num_pages", PAGE_SIZE, cfg.llm.kv_heads, cfg.llm.head_dim)
     spec = {x.name: x for x in (
         TensorSpec("images", "float32", (b, v, 3, s, s)),
         TensorSpec("image_tokens", "float32", (b, v * cfg.vision.tokens, cfg.llm.width)),
         TensorSpec("image_masks", "bool", (b, v)),
         TensorSpec("prompt_ids", "int64", (b, cfg.max_prompt_len)),
         TensorSpec("prompt_mask", "bool", (b, cfg.max_prompt_len)),
-        TensorSpec("prefix_k", "float32", kv), TensorSpec("prefix_v", "float32", kv),
-        TensorSpec("prefix_mask", "bool", (b, p)),
+        TensorSpec("kv_pool", "float32", pool), TensorSpec("kv_pool_out", "float32", pool),
+        TensorSpec("block_table", "int64", (b, "max_pages")), TensorSpec("prefix_lens", "int64", (b,)),
         TensorSpec("x_t", "float32", (b, cfg.action_horizon, cfg.action_dim)),
         TensorSpec("t", "float32", (b,)), TensorSpec("dt", "float32", (1,)),
         TensorSpec("state", "float32", (b, cfg.state_dim)),
@@ -407,15 +450,16 @@ def walks(model: Pi0Model, cfg: Pi0Config) -> Sequential:
     )}
     examples = _example_inputs(cfg, spec, next(model.parameters()).device)
 
-    def node(name: str, walk: type[_Walk], ins: str, outs: str) -> GraphNode:
+    def node(name: str, walk: type[_Walk], ins: str, outs: str, aliases: dict | None = None) -> GraphNode:
         return GraphNode(name, walk(model), tuple(spec[i] for i in ins.split()),
-                         tuple(spec[o] for o in outs.split()), {i: examples[i] for i in ins.split()})
+                         tuple(spec[o] for o in outs.split()), {i: examples[i] for i in ins.split()},
+                         aliases or {})
 
     nodes = (
         node("vision", VisionWalk, "images", "image_tokens"),
-        node("prefill", PrefillWalk, "image_tokens image_masks prompt_ids prompt_mask",
-             "prefix_k prefix_v prefix_mask"),
-        node("denoise", DenoiseWalk, "x_t t dt state prefix_k prefix_v prefix_mask", "x_next"),
+        node("prefill", PrefillWalk, "image_tokens image_masks prompt_ids prompt_mask kv_pool block_table",
+             "kv_pool_out prefix_lens", aliases={"kv_pool_out": "kv_pool"}),
+        node("denoise", DenoiseWalk, "x_t t dt state kv_pool block_table prefix_lens", "x_next"),
     )
     loop = Loop(body="denoise", count="num_steps", carry={"x_next": "x_t"}, schedule="euler")
     return Sequential(nodes=nodes, steps=("vision", "prefill", loop))
@@ -425,14 +469,19 @@ def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.d
                     ) -> dict[str, torch.Tensor]:
     """Tracing inputs with batch = 2: fake_inputs where they exist, random of the spec else."""
     given = {k: torch.from_numpy(a) for k, a in fake_inputs(cfg, batch=2).items()}
-    n = cfg.vision.tokens
-    given["prefix_mask"] = torch.cat([given["image_masks"].repeat_interleave(n, 1), given["prompt_mask"]], 1)
+    pages = math.ceil(cfg.prefix_len / PAGE_SIZE)  # per request; 2 requests + 1 spare page
+    given["kv_pool"] = torch.randn(cfg.llm.layers, 2, 2 * pages + 1, PAGE_SIZE, cfg.llm.kv_heads,
+                                   cfg.llm.head_dim, generator=torch.Generator().manual_seed(1))
+    given["block_table"] = torch.arange(2 * pages).reshape(2, pages) + 1
+    given["prefix_lens"] = torch.tensor([cfg.prefix_len - 3, cfg.prefix_len // 2])
     given["x_t"] = given.pop("noise")
     given["t"] = torch.full((2,), 0.7)
     given["dt"] = torch.full((1,), -1.0 / cfg.num_steps)
     gen = torch.Generator().manual_seed(0)
     out = {}
     for name, s in spec.items():
+        if name == "kv_pool_out":
+            continue
         shape = tuple(2 if isinstance(d, str) else d for d in s.shape)
         out[name] = (given[name] if name in given else torch.randn(shape, generator=gen)).to(device)
     return out

@@ -53,6 +53,8 @@ class Chain:
         if self.observer is not None:
             self.observer(name, {s.name: env[s.name] for s in engine.inputs}, time.perf_counter() - t0)
         env.update(outputs)
+        for out, inp in engine.aliases.items():  # an in-place output is the input's new value
+            env[inp] = outputs[out]
 
     def _loop(self, loop: Mapping[str, Any], env: dict[str, Any], settings: Mapping[str, int]) -> None:
         count = int(settings[loop["count"]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
@@ -14,11 +15,14 @@ FRONTS: dict[str, type[Runner]] = {"vae": VaeDecoder, "pi0": Pi0Policy}
 
 
 def load(bundle: str | Path | Bundle, backend: str = "cpu", threads: int | None = None,
-         spinning: bool = True) -> Runner:
-    """Open `bundle` (hashes checked) and return its recipe's runner on `backend`."""
+         spinning: bool = True, **options: Any) -> Runner:
+    """Open `bundle` (hashes checked) and return its recipe's runner on `backend`.
+
+    `options` go to the recipe's front (pi0: `kv_pages`, the KV page pool size).
+    """
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
     cls = FRONTS.get(bundle.recipe)
     if cls is None:
         raise WalkforgeError(f"bundle recipe '{bundle.recipe}' has no runtime front in this walkforge")
-    return cls(bundle, backend, threads, spinning)
+    return cls(bundle, backend, threads, spinning, **options)

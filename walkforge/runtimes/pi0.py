@@ -1,7 +1,9 @@
 """pi0 front: `Pi0Policy.infer` chains vision → prefill → `num_steps` × denoise.
 
-The prefix K/V produced by prefill stays in the backend's buffers and is bound by reference
-into every denoise step; only x_t moves between steps.
+The policy owns one KV page pool. Each call allocates pages for every request's valid prefix
+tokens, prefill writes them in place (the pool buffer is bound as both its input and its
+output), each denoise step reads them through PagedAttention, and the pages are freed when the
+call returns. The pool is never copied; only x_t moves between steps.
 """
 
 from __future__ import annotations
@@ -12,13 +14,30 @@ from typing import Any
 import numpy as np
 
 from walkforge.errors import WalkforgeError
+from walkforge.runtimes.kv_pool import KVPagePool
+from walkforge.runtimes.onnxruntime import to_ortvalue
 from walkforge.runtimes.runner import Runner, to_numpy_any
 
 INPUTS = ("images", "image_masks", "prompt_ids", "prompt_mask", "state")
 
 
+DEFAULT_POOL_REQUESTS = 8  # the default pool holds this many full-length prefixes
+
+
 class Pi0Policy(Runner):
-    """A compiled pi0 policy. Shapes: images (B, V, 3, 224, 224) float32 in [0, 1]."""
+    """A compiled pi0 policy. Shapes: images (B, V, 3, 224, 224) float32 in [0, 1].
+
+    `kv_pages` sizes the page pool (default: room for 8 full-length prefixes).
+    """
+
+    def __init__(self, *args: Any, kv_pages: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        layers, _, _, page_size, kv_heads, head_dim = self._spec("prefill", "kv_pool").shape
+        prefix = int(self.specs("prefill")[0].shape[1]) + self.max_prompt_len  # image + prompt tokens
+        pages = kv_pages or DEFAULT_POOL_REQUESTS * -(-prefix // page_size)
+        self.pool = KVPagePool(layers, kv_heads, head_dim, page_size, pages)
+        self._pool_value = self.pool.buffer if self.backend == "torch" else to_ortvalue(self.pool.buffer)
+        self._requests = 0
 
     @property
     def num_views(self) -> int:
@@ -49,8 +68,30 @@ class Pi0Policy(Runner):
         feeds["x_t"] = np.asarray(noise)
         self._check(feeds)
         steps = int(num_steps if num_steps is not None else self.manifest["config"]["num_steps"])
-        env = self.chain.run(dict(feeds), {"num_steps": steps})
+        requests = self._allocate(image_masks, prompt_mask)
+        try:
+            env = dict(feeds, kv_pool=self._pool_value, block_table=self.pool.block_table(requests))
+            env = self.chain.run(env, {"num_steps": steps})
+        finally:
+            for request in requests:
+                self.pool.free(request)
         return to_numpy_any(env["x_t"])
+
+    def _allocate(self, image_masks: np.ndarray, prompt_mask: np.ndarray) -> list[int]:
+        """Pages for each request's valid prefix tokens (256 per unmasked view + prompt)."""
+        tokens_per_view = int(self.specs("prefill")[0].shape[1]) // self.num_views
+        valid = image_masks.sum(1) * tokens_per_view + prompt_mask.sum(1)
+        need = sum(self.pool.pages_for(int(n)) for n in valid)
+        if need > self.pool.free_pages:
+            raise WalkforgeError(f"KV page pool exhausted: need {need} pages for {len(valid)} requests, "
+                                 f"{self.pool.free_pages} free of {self.pool.num_pages} (load with a "
+                                 "larger kv_pages)")
+        requests = []
+        for n in valid:
+            self._requests += 1
+            requests.append(self._requests)
+            self.pool.allocate(self._requests, int(n))
+        return requests
 
     def run(self, feeds: Mapping[str, np.ndarray], **settings: Any) -> dict[str, np.ndarray]:
         missing = [k for k in INPUTS if k not in feeds]
