@@ -57,7 +57,8 @@ def cli_errors(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, tiny
     misshaped = edited_checkpoint(ckpt, tmp / "misshaped", reshape)
     corrupt = Path(shutil.copytree(tiny_bundle, tmp / "corrupt"))
     onnx = corrupt / "walks" / "decode.onnx"
-    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\x00")
+    data = onnx.read_bytes()
+    onnx.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     (tmp / "blocker").write_text("a regular file")
     np.savez(tmp / "rank3.npz", latents=np.zeros((4, 8, 8), np.float32))
 

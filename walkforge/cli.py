@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from walkforge import render
 from walkforge.errors import WalkforgeError
@@ -84,15 +85,42 @@ def config_cmd(recipe: str, variant: str, config_file: Path | None) -> None:
 @cli.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def inspect_cmd(bundle: Path, as_json: bool) -> None:
+@click.option("--trt-lint", "trt_lint", is_flag=True,
+              help="Check each walk for TensorRT readiness (needs no TensorRT); exit 2 on errors.")
+def inspect_cmd(bundle: Path, as_json: bool, trt_lint: bool) -> None:
     """Show a bundle's walks (tensor contracts), targets, files and weights fingerprint."""
     from walkforge.artifacts.bundle import Bundle
 
     manifest = Bundle.open(bundle).manifest
+    if trt_lint:
+        from walkforge.graphs.trt_lint import errors, format_findings, lint_bundle
+
+        found = lint_bundle(bundle, manifest)
+        click.echo(format_findings(found) or "no TensorRT-readiness findings")
+        n_errors = sum(len(errors(f)) for f in found.values())
+        if n_errors:
+            raise WalkforgeError(f"{n_errors} TensorRT-readiness error(s) in {bundle}")
+        return
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     render.show_manifest(stdout, manifest)
+
+
+@cli.command("build")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", required=True, type=click.Choice(["trt"]),
+              help="Engines to build on this machine and add to BUNDLE.")
+@click.option("--profile", default="default", show_default=True,
+              help="TensorRT optimisation profile: single (batch 1), default (batch ≤ 8), large (≤ 32).")
+def build_cmd(bundle: Path, target: str, profile: str) -> None:
+    """Build BUNDLE's engines for this machine's GPU (TensorRT) and record them in the bundle."""
+    from walkforge.compiler.progress import Progress
+    from walkforge.compiler.trt import build_trt
+
+    entry = build_trt(bundle, profile, Progress(console=err))
+    err.print(f"[green]built[/green] {len(entry['walks'])} TensorRT engine(s) for {entry['gpu']} "
+              f"(TensorRT {entry['versions']['tensorrt']}) in {bundle}")
 
 
 @cli.command("inputs")
@@ -161,8 +189,10 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool)
 @click.option("--threads", type=int, help="Intra-op threads for every backend (default: all cores).")
 @click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path),
+              help="Also add this bundle to DIR/bench.md and its PNG plots (keeps other bundles' results).")
 def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, threads: int | None,
-              dims: tuple[str, ...], as_json: bool) -> None:
+              dims: tuple[str, ...], as_json: bool, report_dir: Path | None) -> None:
     """Per-walk and end-to-end latency (median, p90) of each backend vs the torch reference."""
     from walkforge.runtimes.bench import bench
 
@@ -171,6 +201,36 @@ def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, 
         click.echo(json.dumps(report, indent=2))
     else:
         render.show_bench(stdout, report)
+    if report_dir is not None:
+        from walkforge.report import add_bench_report
+
+        written = add_bench_report(report, report_dir)
+        err.print(f"wrote {', '.join(map(str, written))}")
+
+
+@cli.command("regress")
+@click.option("--recipes", default="vae,pi0", show_default=True,
+              help="Comma-separated recipes; each compiles its tiny variant at every precision it supports.")
+@click.option("--goldens", "goldens_dir", type=click.Path(path_type=Path),
+              help="Folder of <recipe>-tiny-<precision>.json goldens (default: the repo's tests/goldens).")
+@click.option("--update-goldens", is_flag=True,
+              help="Write the goldens from this run and print what changed, instead of checking.")
+@click.option("--workdir", type=click.Path(path_type=Path),
+              help="Keep the compiled bundles here (default: a temporary folder, removed after).")
+def regress_cmd(recipes: str, goldens_dir: Path | None, update_goldens: bool, workdir: Path | None) -> None:
+    """Compile each recipe's tiny variant, run fixed inputs and compare with the goldens.
+
+    Exits 1 when a metric (output statistics, accuracy vs torch, op counts, bundle size,
+    weights fingerprint) moved beyond its tolerance or a golden is missing.
+    """
+    from walkforge.compiler.progress import Progress
+    from walkforge.regress import GOLDENS, regress, show_report
+
+    report = regress(recipes.split(","), goldens_dir or GOLDENS, update_goldens, workdir,
+                     Progress(console=err))
+    show_report(stdout, report)
+    if not report.ok:
+        click.get_current_context().exit(1)
 
 
 @cli.command("demo")
@@ -197,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="walkforge", standalone_mode=False)
     except WalkforgeError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

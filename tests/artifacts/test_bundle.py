@@ -144,6 +144,16 @@ def test_corrupt_json(tiny_bundle_copy: Path) -> None:
     assert MANIFEST in message and "corrupt manifest" in message
 
 
+def test_manifest_without_files_table(tiny_bundle_copy: Path) -> None:
+    # Without its files table a manifest vouches for nothing: it must not open as verified.
+    manifest = json.loads((tiny_bundle_copy / MANIFEST).read_text())
+    del manifest["files"]
+    (tiny_bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    (tiny_bundle_copy / ONNX).write_bytes(b"garbage")
+    message = refused(tiny_bundle_copy)
+    assert "files" in message
+
+
 def test_read_manifest_does_not_hash(tiny_bundle_copy: Path) -> None:
     (tiny_bundle_copy / WEIGHTS).write_bytes(b"")
     assert read_manifest(tiny_bundle_copy)["recipe"] == "vae"

@@ -168,8 +168,9 @@ def test_weight_dequantize_through_transpose_is_clean():
     model = _qdq_matmul()
     graph = model.graph
     mm = next(n for n in graph.node if n.op_type == "MatMul")
-    graph.node.insert(len(graph.node) - 1, helper.make_node("Transpose", ["w"], ["wt"], name="t", perm=[1, 0]))
-    graph.node.insert(len(graph.node) - 1, helper.make_node("Transpose", ["wt"], ["w2"], name="t2", perm=[1, 0]))
+    for src, dst in (("w", "wt"), ("wt", "w2")):
+        transpose = helper.make_node("Transpose", [src], [dst], name=f"t_{dst}", perm=[1, 0])
+        graph.node.insert(len(graph.node) - 1, transpose)
     mm.input[1] = "w2"
     findings = lint(model, "w")
     assert [f.node for f in findings] == ["dq_w"]  # two Transposes in a row are not "through a Transpose"

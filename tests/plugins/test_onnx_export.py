@@ -65,13 +65,14 @@ def test_one_bare_node_per_op_with_typed_attributes(exported):
     assert not bare.functions
     A = onnx.AttributeProto
     expected = {
-        "KVCacheWrite": {"plugin_namespace": A.STRING},
-        "PagedAttention": {"plugin_namespace": A.STRING, "layer": A.INT, "scale": A.FLOAT},
+        "KVCacheWrite": {"plugin_namespace": A.STRING, "aot": A.INT},
+        "PagedAttention": {"plugin_namespace": A.STRING, "aot": A.INT, "layer": A.INT, "scale": A.FLOAT},
     }
     for node in custom:
         assert {a.name: a.type for a in node.attribute} == expected[node.op_type]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["plugin_namespace"] == PLUGIN_NAMESPACE.encode()
+        assert attrs["aot"] == 1  # TensorRT picks the AOT (stored PTX) implementation
     attention = next(n for n in custom if n.op_type == "PagedAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in attention.attribute}
     assert attrs["layer"] == LAYER and attrs["scale"] == pytest.approx(SCALE)

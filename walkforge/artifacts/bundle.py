@@ -68,16 +68,16 @@ def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
 def _replace(stage: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
         os.replace(out, old)
     os.replace(stage, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Fill format fields and the file table, then write `manifest.json` (itself atomically)."""
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
     manifest["files"] = file_table(root)
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
@@ -111,7 +111,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     """Check each listed file's size and sha256; refuse missing, truncated or changed files."""
-    for rel, entry in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise WalkforgeError(f"{Path(root) / MANIFEST}: manifest has no files table; cannot verify the bundle")
+    for rel, entry in files.items():
+        if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
+            raise WalkforgeError(f"{Path(root) / MANIFEST}: malformed files entry for {rel}")
         path = Path(root) / rel
         if not path.is_file():
             raise WalkforgeError(f"bundle file missing: {rel}")

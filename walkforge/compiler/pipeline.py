@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import walkforge
@@ -26,6 +29,7 @@ from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import OPSET, export_walk, op_counts
 from walkforge.compiler.progress import Progress
 from walkforge.errors import CompileError, WalkforgeError
+from walkforge.graphs.walk import GraphNode
 from walkforge.recipes import get_recipe, get_variant
 from walkforge.recipes.configs import from_dict, load_overrides, to_dict
 from walkforge.recipes.weights import fingerprint, load_strict
@@ -56,12 +60,13 @@ class Job:
     progress: Progress
     recipe: Any = None
     cfg: Any = None
-    model: torch.nn.Module | None = None
-    walks: Any = None
+    walks: Any = None  # the recipe's walks on a weightless (meta) model, set by `trace`
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def load(job: Job) -> dict[str, int]:
+    """Build the model with its weights, write them to WEIGHTS_FILE, then let the model go:
+    later stages read weights from that file, one walk or one tensor at a time."""
     req = job.request
     job.recipe = get_recipe(req.recipe)
     if req.checkpoint is not None:
@@ -73,36 +78,47 @@ def load(job: Job) -> dict[str, int]:
     if req.config_file is not None:
         job.cfg = from_dict(job.recipe.Config, load_overrides(req.config_file), job.cfg)
     torch.manual_seed(req.seed)
-    job.model = job.recipe.build(job.cfg).eval()
-    counts = {"parameters": sum(p.numel() for p in job.model.parameters())}
+    model = job.recipe.build(job.cfg).eval()
+    counts = {"parameters": sum(p.numel() for p in model.parameters())}
     if tensors is not None:
-        counts |= load_strict(job.model, tensors, job.recipe.KEY_MAP)
-    state = job.model.state_dict()
+        counts |= load_strict(model, tensors, job.recipe.KEY_MAP)
+    del tensors
+    state = model.state_dict()
     (job.stage_dir / WEIGHTS_FILE).parent.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(job.stage_dir / WEIGHTS_FILE))
-    source = ({"source": "checkpoint", "path": str(req.checkpoint)} if tensors is not None
+    source = ({"source": "checkpoint", "path": str(req.checkpoint)} if req.checkpoint is not None
               else {"source": "random", "seed": req.seed})
     job.manifest |= {
-        "recipe": job.recipe.NAME, "variant": req.variant or ("tiny" if tensors is None else None),
+        "recipe": job.recipe.NAME, "variant": req.variant or ("tiny" if req.checkpoint is None else None),
         "config": to_dict(job.cfg),
         "weights": {"fingerprint": fingerprint(state), "file": WEIGHTS_FILE, **source, **counts},
     }
     return counts
 
 
+def skeleton(recipe: Any, cfg: Any) -> torch.nn.Module:
+    """The recipe's model without weights: every parameter and buffer on the meta device."""
+    with torch.device("meta"):
+        return recipe.build(cfg).eval()
+
+
 def trace(job: Job) -> dict[str, int]:
-    with torch.no_grad():
-        job.walks = job.recipe.walks(job.model, job.cfg)
+    """Export every walk from a weightless model; stream its weights into `<walk>.onnx.data`."""
+    job.walks = job.recipe.walks(skeleton(job.recipe, job.cfg), job.cfg)
     (job.stage_dir / "walks").mkdir()
-    walks = {}
+    walks, totals = {}, Counter()
     for node in job.walks.nodes:
         job.progress.say(f"exporting walk '{node.name}'")
-        counts = export_walk(node, job.stage_dir / "walks" / f"{node.name}.onnx")
-        walks[node.name] = {"onnx": f"walks/{node.name}.onnx", **node.contract(), "ops": counts}
+        ops, counts = export_walk(node, job.stage_dir / "walks" / f"{node.name}.onnx",
+                                  job.stage_dir / WEIGHTS_FILE)
+        totals.update(counts)
+        walks[node.name] = {"onnx": f"walks/{node.name}.onnx", **node.contract(), "ops": ops}
     job.manifest["walks"] = walks
     job.manifest["plan"] = job.walks.plan()
     job.manifest["edges"] = [e.to_json() for e in job.walks.edges]
-    return {"walks": len(walks), "nodes": sum(sum(w["ops"].values()) for w in walks.values())}
+    return {"walks": len(walks), "nodes": sum(sum(w["ops"].values()) for w in walks.values()),
+            "initializers": totals["initializers"], "weight_bytes": totals["bytes"],
+            "transposes_folded": totals["transposes_folded"]}
 
 
 PASSES: tuple[Callable[[onnx.ModelProto], tuple[onnx.ModelProto, dict[str, int]]], ...] = (
@@ -125,18 +141,17 @@ def passes(job: Job) -> dict[str, int]:
 
 
 def check(job: Job) -> dict[str, int]:
-    """Run each walk's ONNX on onnxruntime against the torch module on the example inputs."""
+    """Run each walk's ONNX on onnxruntime against its torch module on the example inputs.
+
+    One walk at a time: the torch reference holds only that walk's weights and is freed
+    before onnxruntime loads the same weights.
+    """
     checks = {}
     for node in job.walks.nodes:
         walk = job.manifest["walks"][node.name]
-        engine = OrtEngine(node.name, job.stage_dir / walk["onnx"], walk, spinning=False)
-        feeds = {k: v.detach().numpy() for k, v in node.example_inputs.items()}
-        got = engine.run(feeds)
-        with torch.no_grad():
-            want = node.module(*(node.example_inputs[s.name] for s in node.inputs))
-        want = want if isinstance(want, tuple) else (want,)
-        result = worst([agreement(to_numpy(got[s.name]), w.numpy().astype("float64"))
-                        for s, w in zip(node.outputs, want, strict=True)])
+        feeds, want = reference(job.recipe, job.cfg, node.name, job.stage_dir / WEIGHTS_FILE)
+        got = onnx_outputs(node.name, job.stage_dir / walk["onnx"], walk, feeds)
+        result = worst([agreement(g, w) for g, w in zip(got, want, strict=True)])
         checks[node.name] = result.to_json()
         job.progress.say(f"{node.name}: max abs {result.max_abs:.2e}, cosine {result.cosine:.7f}")
         if result.rel > CHECK_REL_TOL:
@@ -144,6 +159,44 @@ def check(job: Job) -> dict[str, int]:
                                  f"{result.rel:.2e} > {CHECK_REL_TOL:.0e}")
     job.manifest["check"] = checks
     return {"walks_checked": len(checks)}
+
+
+def reference(recipe: Any, cfg: Any, name: str, weights: Path
+              ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """(example inputs, torch outputs) of walk `name`, its weights read from `weights`.
+
+    The example inputs are copied before torch runs, so a walk that updates an input in place
+    (an aliased KV pool) hands onnxruntime the same inputs torch saw.
+    """
+    node = walk_with_weights(recipe, cfg, name, weights)
+    feeds = {k: v.detach().numpy().copy() for k, v in node.example_inputs.items()}
+    with torch.no_grad():
+        want = node.module(*(node.example_inputs[s.name] for s in node.inputs))
+    want = want if isinstance(want, tuple) else (want,)
+    return feeds, [w.numpy().astype("float64") for w in want]
+
+
+def onnx_outputs(name: str, path: Path, walk: dict[str, Any], feeds: dict[str, np.ndarray]
+                 ) -> list[np.ndarray]:
+    """The walk's outputs from onnxruntime, in contract order; the session is freed on return."""
+    got = OrtEngine(name, path, walk, spinning=False).run(feeds)
+    return [to_numpy(got[s["name"]]) for s in walk["outputs"]]
+
+
+def walk_with_weights(recipe: Any, cfg: Any, name: str, weights: Path) -> GraphNode:
+    """Walk `name` of a model that holds real weights for that walk only, read from `weights`.
+
+    The other weights are one-element CPU stand-ins (zero-stride views): a recipe may derive
+    its example inputs' device from the model's parameters, and these must be real CPU tensors.
+    """
+    model = skeleton(recipe, cfg)
+    model.load_state_dict({k: torch.zeros((), dtype=t.dtype).expand(t.shape)
+                           for k, t in model.state_dict().items()}, assign=True)
+    node = recipe.walks(model, cfg).node(name)
+    with safe_open(str(weights), framework="pt") as st:
+        subset = {k: st.get_tensor(k) for k in node.module.state_dict()}
+    node.module.load_state_dict(subset, strict=True, assign=True)
+    return node
 
 
 def build(job: Job) -> dict[str, int]:

@@ -163,9 +163,11 @@ def build_trt(bundle_root: Path | str, profile: str = "default",
     from walkforge.graphs.trt_lint import errors, format_findings, lint_bundle
 
     progress = progress or Progress(enabled=False)
-    require()
     max_batch(profile)
+    require()
     bundle = Bundle.open(bundle_root)
+    config = bundle.manifest.get("config", {})
+    shapes = {name: derive_profiles(walk, config, profile) for name, walk in bundle.manifest["walks"].items()}
     bad = {walk: errors(found) for walk, found in lint_bundle(bundle.root, bundle.manifest).items()}
     if any(bad.values()):
         count = sum(len(found) for found in bad.values())
@@ -179,8 +181,8 @@ def build_trt(bundle_root: Path | str, profile: str = "default",
     gpu, cc = gpu_info()
     folder = plan_dir(cc, trt.__version__)
     registered = register_plugins(bundle.root, bundle.manifest, arch=f"sm_{cc.replace('.', '')}")
-    progress.say(f"TensorRT {trt.__version__} on {gpu} (sm {cc}); plugins: {registered or 'none'}")
-    walks = _build_engines(bundle, folder, profile, progress)
+    log.info("TensorRT %s on %s (compute capability %s); plugins: %s", trt.__version__, gpu, cc, registered)
+    walks = _build_engines(bundle, folder, shapes, progress)
     entry = target_entry(gpu, cc, {"tensorrt": trt.__version__, "cuda": _cuda_version()}, walks,
                          profile, folder)
     entry["plugins"] = registered
@@ -191,7 +193,8 @@ def build_trt(bundle_root: Path | str, profile: str = "default",
     return entry
 
 
-def _build_engines(bundle: Bundle, folder: str, profile: str, progress: Progress) -> dict[str, str]:
+def _build_engines(bundle: Bundle, folder: str, shapes: Mapping[str, Mapping[str, tuple]],
+                   progress: Progress) -> dict[str, str]:
     """Build every walk into a staging folder, then swap it in for `folder` in one rename."""
     final = bundle.root / folder
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -201,13 +204,13 @@ def _build_engines(bundle: Bundle, folder: str, profile: str, progress: Progress
         if (final / "timing.cache").is_file():
             shutil.copyfile(final / "timing.cache", cache)
         walks = {}
-        with _build_log(stage / "build.log"):
+        with _build_log(stage / "build.log"), progress.stages(len(bundle.manifest["walks"])):
             for name, walk in bundle.manifest["walks"].items():
-                progress.say(f"building TensorRT engine for walk '{name}'")
-                shapes = derive_profiles(walk, bundle.manifest.get("config", {}), profile)
-                plan = _build_engine(bundle.root / walk["onnx"], shapes, cache)
+                progress.begin(name)
+                plan = _build_engine(bundle.root / walk["onnx"], shapes[name], cache)
                 (stage / f"{name}.plan").write_bytes(plan)
                 walks[name] = f"{folder}/{name}.plan"
+                progress.end(name, {"plan_bytes": len(plan)})
         _swap_in(stage, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -78,6 +78,11 @@ def node_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
+def read_tensor(tensor: onnx.TensorProto, base_dir: str | Path | None = None) -> np.ndarray:
+    """An initializer's value, reading external data relative to `base_dir` if not loaded."""
+    return numpy_helper.to_array(tensor, str(base_dir or ""))
+
+
 def module_path(node: onnx.NodeProto) -> str:
     """The torch module a dynamo-exported node came from ("fc1", "layers.0.mlp"), or ""."""
     for prop in node.metadata_props:
@@ -159,9 +164,10 @@ def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
 
     `act_scales` maps an activation tensor name to its per-tensor scale, `weight_scales` a
     weight initializer name to its per-output-channel scales (see `fp8_scales`). `exclude` is
-    a set of node names or torch module paths ("head"), or a predicate on the node. `base_dir` locates external weight data
-    not loaded into `model`. Returns counts: quantized_matmul/gemm/conv, qdq_pairs
-    (activation Q→DQ pairs), weights_fp8, skipped_first_last/embedding/excluded/norms.
+    a set of node names or torch module paths ("head"), or a predicate on the node. `base_dir`
+    locates external weight data not loaded into `model`. Returns counts: quantized_matmul/
+    gemm/conv, qdq_pairs (activation Q→DQ pairs), weights_fp8, skipped_first_last/embedding/
+    excluded/norms.
     """
     uses, counts = plan_fp8(model, exclude, base_dir)
     graph = model.graph
@@ -216,15 +222,17 @@ def _quantize_activation(fresh: _Names, use: WeightUse, act_scales: Mapping[str,
     scale = fresh(f"{use.activation}_fp8_scale")
     q, dq = fresh(f"{use.activation}_fp8"), fresh(f"{use.activation}_fp8_dq")
     new_inits.append(numpy_helper.from_array(np.array(act_scales[use.activation], np.float32), scale))
-    inserted += [onnx.helper.make_node("QuantizeLinear", [use.activation, scale, zero], [q], name=fresh(q + "_q")),
-                 onnx.helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=dq)]
+    inserted += [
+        onnx.helper.make_node("QuantizeLinear", [use.activation, scale, zero], [q], name=fresh(q + "_q")),
+        onnx.helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=dq),
+    ]
     return dq
 
 
 def _quantize_weight(fresh: _Names, use: WeightUse, tensor: onnx.TensorProto,
                      weight_scales: Mapping[str, np.ndarray], base_dir: str | Path | None,
                      inserted: list, new_inits: list) -> str:
-    w = numpy_helper.to_array(tensor, base_dir or "").astype(np.float32)
+    w = read_tensor(tensor, base_dir).astype(np.float32)
     scale = np.asarray(weight_scales.get(use.weight, ()), np.float32).ravel()
     if scale.shape != (w.shape[use.axis],):
         raise WalkforgeError(f"fp8: weight '{use.weight}' {list(w.shape)} needs {w.shape[use.axis]} "
@@ -256,7 +264,7 @@ def _embedding_weights(model: onnx.ModelProto, uses: list[WeightUse],
         for use in uses:
             w = inits[use.weight]
             if use.weight not in found and len(dims) == 2 and list(w.dims) == dims[::-1] and np.array_equal(
-                    numpy_helper.to_array(w, base_dir or ""), numpy_helper.to_array(inits[table], base_dir or "").T):
+                    read_tensor(w, base_dir), read_tensor(inits[table], base_dir).T):
                 found.add(use.weight)
     return found
 

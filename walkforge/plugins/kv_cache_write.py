@@ -27,7 +27,7 @@ from walkforge.plugins._common import WALKFORGE_OPSET, check_triton_device, regi
 from walkforge.plugins.constants import MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
 
 ONNX_NAME = "KVCacheWrite"
-ATTRIBUTES: dict[str, type] = {"plugin_namespace": str}
+ATTRIBUTES: dict[str, type] = {"plugin_namespace": str, "aot": int}
 
 SCHEMA = register_onnx_schema(
     ONNX_NAME,
@@ -73,7 +73,7 @@ def _(pool, k, v, block_table, positions):
 
 def translate(pool, k, v, block_table, positions):
     """custom_translation_table entry: one bare `walkforge.KVCacheWrite` node."""
-    return WALKFORGE_OPSET.KVCacheWrite(pool, k, v, block_table, positions, plugin_namespace=PLUGIN_NAMESPACE)
+    return WALKFORGE_OPSET.KVCacheWrite(pool, k, v, block_table, positions, plugin_namespace=PLUGIN_NAMESPACE, aot=1)
 
 
 @script(WALKFORGE_OPSET, default_opset=op)

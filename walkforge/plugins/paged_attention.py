@@ -27,7 +27,7 @@ from walkforge.plugins._common import WALKFORGE_OPSET, check_triton_device, regi
 from walkforge.plugins.constants import MASK_FILL, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
 
 ONNX_NAME = "PagedAttention"
-ATTRIBUTES: dict[str, type] = {"layer": int, "scale": float, "plugin_namespace": str}
+ATTRIBUTES: dict[str, type] = {"layer": int, "scale": float, "plugin_namespace": str, "aot": int}
 
 SCHEMA = register_onnx_schema(
     ONNX_NAME,
@@ -86,7 +86,7 @@ def translate(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, 
     """custom_translation_table entry: one bare `walkforge.PagedAttention` node."""
     return WALKFORGE_OPSET.PagedAttention(
         q, k, v, pool, block_table, prefix_lens, suffix_mask,
-        layer=layer, scale=scale, plugin_namespace=PLUGIN_NAMESPACE,
+        layer=layer, scale=scale, plugin_namespace=PLUGIN_NAMESPACE, aot=1,
     )  # fmt: skip
 
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
 
 from walkforge.artifacts.bundle import Bundle
+from walkforge.errors import WalkforgeError
 from walkforge.recipes import get_recipe
-from walkforge.recipes.configs import from_dict
+from walkforge.recipes.configs import did_you_mean, from_dict
 
 
 def example_inputs(bundle: Bundle, batch: int = 1, seed: int = 0, **dims: Any) -> dict[str, np.ndarray]:
     """Valid inputs for `bundle`'s front API (`run`), keyed by input name."""
     recipe = get_recipe(bundle.recipe)
+    known = [p for p in inspect.signature(recipe.fake_inputs).parameters if p not in ("cfg", "batch", "seed")]
+    for name in dims:
+        if name not in known:
+            raise WalkforgeError(f"recipe '{bundle.recipe}' has no input size '{name}'"
+                                 f"{did_you_mean(name, known)}; sizes: {', '.join(known) or 'none'}")
     cfg = from_dict(recipe.Config, bundle.manifest["config"])
     return recipe.fake_inputs(cfg, batch=batch, seed=seed, **dims)

@@ -15,14 +15,18 @@ import numpy as np
 from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import TensorSpec
+from walkforge.runtimes.backends import GPU_BACKENDS, gpu_engines, resolve_backend
 from walkforge.runtimes.chain import Chain
 from walkforge.runtimes.onnxruntime import OrtEngine, to_numpy
 
-BACKENDS = ("cpu", "torch")
+BACKENDS = ("cpu", "torch", *GPU_BACKENDS, "auto")
 
 
 def make_engines(bundle: Bundle, backend: str, threads: int | None = None,
                  spinning: bool = True) -> dict[str, Any]:
+    """One engine per walk of `bundle` on `backend` (see runtimes/backends.py; `auto` resolves here)."""
+    if backend == "auto":
+        backend, _ = resolve_backend(backend, bundle.manifest)
     if backend == "cpu":
         target = bundle.manifest["targets"].get("cpu")
         if target is None:
@@ -37,6 +41,9 @@ def make_engines(bundle: Bundle, backend: str, threads: int | None = None,
         if threads:
             torch.set_num_threads(threads)
         return torch_engines(bundle)
+    if backend in GPU_BACKENDS:
+        resolve_backend(backend)  # one-line WalkforgeError naming what this machine lacks
+        return gpu_engines(bundle, backend)
     raise WalkforgeError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
@@ -46,9 +53,9 @@ class Runner:
     def __init__(self, bundle: Bundle, backend: str = "cpu", threads: int | None = None,
                  spinning: bool = True) -> None:
         self.bundle = bundle
-        self.backend = backend
+        self.backend = resolve_backend(backend, bundle.manifest)[0] if backend in BACKENDS else backend
         self.manifest = bundle.manifest
-        self.engines = make_engines(bundle, backend, threads, spinning)
+        self.engines = make_engines(bundle, self.backend, threads, spinning)
         self.chain = Chain(self.engines, self.manifest["plan"])
 
     def specs(self, walk: str) -> list[TensorSpec]:

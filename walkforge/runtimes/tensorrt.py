@@ -24,7 +24,7 @@ from typing import Any
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import TensorSpec
 
-INSTALL_HINT = ("pip install 'walkforge[trt]' --extra-index-url https://pypi.nvidia.com "
+INSTALL_HINT = ("pip install 'walkforge[trt]' "
                 "on a machine with an NVIDIA GPU")  # fmt: skip
 REBUILD_HINT = "rebuild on this machine with `walkforge build BUNDLE --target trt`"
 _RUNTIME: Any = None

@@ -39,13 +39,14 @@ class TorchEngine:
         return dict(zip((s.name for s in self.outputs), out, strict=True))
 
 
-def build_model(bundle: Bundle, device: str = "cpu") -> tuple[Any, Any, torch.nn.Module]:
-    """(recipe module, config, model with the bundle's weights)."""
+def build_model(bundle: Bundle, device: str = "cpu", dtype: torch.dtype | None = None
+                ) -> tuple[Any, Any, torch.nn.Module]:
+    """(recipe module, config, model with the bundle's weights), on `device`, cast to `dtype` if given."""
     recipe = get_recipe(bundle.recipe)
     cfg = from_dict(recipe.Config, bundle.manifest["config"])
     model = recipe.build(cfg)
     model.load_state_dict(load_file(str(bundle.path(bundle.manifest["weights"]["file"]))), strict=True)
-    return recipe, cfg, model.eval().to(device)
+    return recipe, cfg, model.eval().to(device=device, dtype=dtype)
 
 
 def torch_engines(bundle: Bundle, device: str = "cpu") -> dict[str, TorchEngine]:

@@ -1,0 +1,122 @@
+"""Calibration on a tiny hand-built graph: Conv → Flatten → MatMul → Relu → Gemm(transB)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from rich.console import Console
+from rich.progress import Progress
+
+from walkforge.compiler.calibrate import (
+    activation_inputs,
+    collect_amax,
+    load_scales,
+    save_scales,
+    weight_amax,
+)
+from walkforge.errors import WalkforgeError
+from walkforge.graphs.fp8 import FP8_MAX, fp8_scales
+
+RNG = np.random.default_rng(0)
+WC = RNG.standard_normal((3, 2, 3, 3)).astype(np.float32)  # Conv [O, I, kh, kw]
+W1 = RNG.standard_normal((48, 8)).astype(np.float32)  # MatMul [K, N]
+W2 = RNG.standard_normal((5, 8)).astype(np.float32)  # Gemm transB=1: [N, K]
+
+
+def tiny_model() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "w1"], ["h"], name="matmul"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["y"], name="gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(w, name) for w, name in ((WC, "wc"), (W1, "w1"), (W2, "w2"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def intermediates(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The GEMM inputs, computed independently of onnxruntime."""
+    c = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(WC), padding=1).numpy()
+    f = c.reshape(len(x), -1)
+    return {"x": x, "f": f, "r": np.maximum(f @ W1, 0)}
+
+
+def feeds(n: int = 5) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((3, 2, 4, 4)).astype(np.float32) * (k + 1)} for k in range(n)]
+
+
+def test_activation_inputs_are_the_non_weight_gemm_inputs() -> None:
+    assert activation_inputs(tiny_model()) == ["x", "f", "r"]
+
+
+def test_max_amax_is_max_abs_over_all_samples() -> None:
+    samples = feeds()
+    amax = collect_amax(tiny_model(), samples)
+    for name in ("x", "f", "r"):
+        want = max(np.abs(intermediates(s["x"])[name]).max() for s in samples)
+        assert amax[name] == pytest.approx(want, rel=1e-5)
+
+
+def test_percentile_is_at_most_max_and_close_to_exact() -> None:
+    samples = feeds()
+    amax = collect_amax(tiny_model(), samples)
+    for pct in (50.0, 99.0, 99.99):
+        got = collect_amax(tiny_model(), samples, method="percentile", percentile=pct)
+        for name in ("x", "f", "r"):
+            values = np.concatenate([np.abs(intermediates(s["x"])[name]).ravel() for s in samples])
+            exact = np.percentile(values, pct, method="higher")
+            assert got[name] <= amax[name]
+            assert exact <= got[name] <= exact * 2 ** (1 / 64) * (1 + 1e-6)  # one histogram bin
+
+
+def test_weight_amax_is_per_output_channel() -> None:
+    amax = weight_amax(tiny_model())
+    np.testing.assert_array_equal(amax["wc"], np.abs(WC).max(axis=(1, 2, 3)))  # per O
+    np.testing.assert_array_equal(amax["w1"], np.abs(W1).max(axis=0))  # per N column
+    np.testing.assert_array_equal(amax["w2"], np.abs(W2).max(axis=1))  # transB: per row
+    assert {k: v.dtype for k, v in amax.items()} == dict.fromkeys(amax, np.float32)
+
+
+def test_fp8_scales_are_amax_over_448_in_float32() -> None:
+    scales = fp8_scales({"a": 2.0, "w": np.array([448.0, 0.0], np.float32)})
+    assert scales["a"] == np.float32(2.0) / np.float32(FP8_MAX)
+    assert scales["w"][0] == 1.0 and scales["w"][1] > 0  # zero amax keeps a usable scale
+
+
+def test_scales_file_round_trip_is_exact(tmp_path) -> None:
+    act = fp8_scales(collect_amax(tiny_model(), feeds()))
+    weights = fp8_scales(weight_amax(tiny_model()))
+    meta = {"method": "percentile", "samples": 5, "percentile": 99.99}
+    save_scales(tmp_path / "scales.safetensors", act, weights, meta)
+    got_act, got_weights, got_meta = load_scales(tmp_path / "scales.safetensors")
+    assert got_act == act and got_meta == meta
+    assert got_weights.keys() == weights.keys()
+    for name, value in weights.items():
+        assert got_weights[name].dtype == np.float32
+        np.testing.assert_array_equal(got_weights[name], value)
+
+
+def test_progress_bar_counts_samples() -> None:
+    bar = Progress(console=Console(file=io.StringIO()))
+    seen = []
+    bar.remove_task = lambda task: seen.append(bar.tasks[task].completed)  # before it is gone
+    with bar:
+        collect_amax(tiny_model(), feeds(4), progress=bar)
+    assert seen == [4]
+
+
+def test_bad_method_is_a_user_error() -> None:
+    with pytest.raises(WalkforgeError, match="method"):
+        collect_amax(tiny_model(), feeds(1), method="entropy")
+    with pytest.raises(WalkforgeError, match="no samples"):
+        collect_amax(tiny_model(), [])

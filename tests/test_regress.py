@@ -1,0 +1,157 @@
+"""Recipe regression (`walkforge regress`) and the bench report writer.
+
+The module fixture runs the real regression of both recipes against the stored goldens once
+(what CI relies on); the other tests reuse its records or only compile the tiny VAE.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from walkforge import regress as rg
+from walkforge.cli import cli
+from walkforge.errors import WalkforgeError
+from walkforge.recipes import vae
+
+GOLDENS = Path(__file__).parent / "goldens"
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> rg.Report:
+    """`regress()` of every recipe against tests/goldens (bundles compiled once, kept)."""
+    return rg.regress(None, GOLDENS, workdir=tmp_path_factory.mktemp("regress"))
+
+
+def records(report: rg.Report) -> dict[tuple[str, str], dict]:
+    return {(r.record["recipe"], r.record["precision"]): r.record for r in report.results}
+
+
+@pytest.mark.slow
+def test_regress_passes_against_stored_goldens(stored: rg.Report) -> None:
+    names = [r.name for r in stored.results]
+    assert names == [f"{k}-tiny-{p}" for k, ps in rg.PRECISIONS.items() for p in ps]
+    failed = {r.name: r.problem or [(c.metric, c.golden, c.now) for c in r.failed] for r in stored.results}
+    assert stored.ok, failed
+    assert all(len(r.checks) > 20 for r in stored.results)
+
+
+@pytest.mark.slow
+def test_regress_flags_changed_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
+    build = vae.build
+
+    def nudged(cfg: vae.VaeConfig) -> torch.nn.Module:
+        model = build(cfg)
+        with torch.no_grad():
+            model.decoder.conv_out.bias.add_(0.05)
+        return model
+
+    monkeypatch.setattr(vae, "build", nudged)
+    (result,) = rg.regress(["vae"], GOLDENS).results
+    failed = {c.metric for c in result.failed}
+    assert not result.ok
+    assert "weights_fingerprint" in failed
+    assert {"outputs.sample.mean", "outputs.sample.min"} <= failed
+    assert not any(m.startswith(("ops.", "accuracy.")) for m in failed), failed
+
+
+def test_update_goldens_writes_then_passes(stored: rg.Report, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = records(stored)
+    monkeypatch.setattr(rg, "measure", lambda recipe, precision, out, progress=None:
+                        copy.deepcopy(cached[(recipe, precision)]))
+    written = rg.regress(["vae"], tmp_path, update=True)
+    path = tmp_path / "vae-tiny-fp32.json"
+    assert written.ok and written.results[0].updated and path.exists()
+    assert json.loads(path.read_text()) == cached[("vae", "fp32")]
+    assert rg.regress(["vae"], tmp_path).ok
+
+    golden = json.loads(path.read_text())
+    golden["outputs"]["sample"]["mean"] += 1.0
+    rg.write_golden(path, golden)
+    assert not rg.regress(["vae"], tmp_path).ok
+    (update,) = rg.regress(["vae"], tmp_path, update=True).results
+    assert [(c.metric, c.now) for c in update.checks] == [
+        ("outputs.sample.mean", cached[("vae", "fp32")]["outputs"]["sample"]["mean"])]
+
+
+def test_missing_golden_fails_with_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rg, "measure", lambda *a, **k: pytest.fail("measured without a golden"))
+    (result,) = rg.regress(["vae"], tmp_path).results
+    assert not result.ok and "--update-goldens" in result.problem
+    run = CliRunner().invoke(cli, ["regress", "--recipes", "vae", "--goldens", str(tmp_path)])
+    assert run.exit_code == 1, run.output
+    assert "--update-goldens" in run.output and "Traceback" not in run.output
+
+
+def test_unknown_recipe_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(WalkforgeError, match="unknown recipe"):
+        rg.regress(["vea"], tmp_path)
+
+
+TOLERANCE_CASES = [  # (field, how it changes, still within tolerance)
+    ("outputs.sample.std", lambda v: v * (1 + 2e-5), True),
+    ("outputs.sample.std", lambda v: v * (1 + 1e-3), False),
+    ("outputs.sample.samples.512", lambda v: v + 1e-3, False),
+    ("ops.decode.Conv", lambda v: v + 1, False),
+    ("ops.decode.Gemm", lambda v: 1, False),  # an op the golden does not have
+    ("bundle_bytes", lambda v: int(v * 1.005), True),
+    ("bundle_bytes", lambda v: int(v * 1.02), False),
+    ("accuracy.walks.decode.cosine", lambda v: v - 1e-5, False),
+    ("accuracy.walks.decode.rel", lambda v: 9e-6, True),
+    ("accuracy.walks.decode.rel", lambda v: 3e-5, False),
+    ("weights_fingerprint", lambda v: v[:-1] + "0", False),
+    ("versions.torch", lambda v: "9.9", True),
+]
+
+
+@pytest.mark.parametrize(("metric", "change", "ok"), TOLERANCE_CASES)
+def test_compare_tolerances(metric: str, change, ok: bool) -> None:
+    golden = rg.read_golden(GOLDENS / "vae-tiny-fp32.json")
+    now = copy.deepcopy(golden)
+    *parents, leaf = metric.split(".")
+    node = now
+    for key in parents:
+        node = node[key]
+    node[leaf] = change(node.get(leaf))
+    checks = {c.metric: c for c in rg.compare(golden, now)}
+    assert [c.metric for c in checks.values() if c.moved] == [metric]
+    assert checks[metric].ok is ok
+
+
+# --- bench report ---------------------------------------------------------------------------
+
+
+def bench_report(bundle: str, scale: float) -> dict:
+    def stats(ms: float) -> dict:
+        return {"median_ms": ms, "p10_ms": 0.9 * ms, "p90_ms": 1.2 * ms, "n": 10}
+
+    results = {b: {"backend": b, "end_to_end": stats(10 * f * scale),
+                   "walks": {"vision": stats(2 * f * scale), "denoise": stats(f * scale)}}
+               for b, f in (("cpu", 0.5), ("torch", 1.0))}
+    return {"bundle": bundle, "machine": "Linux x86_64, 2 cores", "batch": 1, "results": results,
+            "ratio_vs_torch": {"cpu": {"end_to_end": 0.5, "vision": 0.5, "denoise": 0.5}}}
+
+
+def test_bench_report_writes_markdown_and_plots(tmp_path: Path) -> None:
+    from walkforge.report import add_bench_report, write_bench_report
+
+    fp8 = {"pi0-fp8": {"walks": {"vision": {"cosine": 0.9995, "rel": 2e-2, "max_abs": 0.1}},
+                       "end_to_end": {"actions": {"cosine": 0.999, "rel": 3e-2, "max_abs": 0.2}}}}
+    written = write_bench_report([bench_report("build/pi0-small", 1.0)], tmp_path, fp8_verify=fp8)
+    assert [p.name for p in written] == ["bench.md", "bench-pi0-small.png", "fp8-accuracy.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written[1:])
+    md = (tmp_path / "bench.md").read_text()
+    assert "| vision | cpu | 1.000 | 0.900 | 1.200 | 10 | 0.50 |" in md
+    assert "| end to end | torch | 10.000 |" in md and "| pi0-fp8 | vision | 0.9995000 |" in md
+
+    again = tmp_path / "again"
+    add_bench_report(bench_report("build/vae-sd", 2.0), again)
+    written = add_bench_report(bench_report("build/pi0-small", 1.0), again)
+    assert {p.name for p in written} == {"bench.md", "bench-pi0-small.png", "bench-vae-sd.png"}
+    assert "## vae-sd" in (again / "bench.md").read_text() and "FP8" not in (again / "bench.md").read_text()
