@@ -189,7 +189,7 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool)
 @click.option("--threads", type=int, help="Intra-op threads for every backend (default: all cores).")
 @click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--report", "report_dir", type=click.Path(path_type=Path),
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Also add this bundle to DIR/bench.md and its PNG plots (keeps other bundles' results).")
 def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, threads: int | None,
               dims: tuple[str, ...], as_json: bool, report_dir: Path | None) -> None:

@@ -113,7 +113,7 @@ def regress(recipes: Sequence[str] | None = None, goldens_dir: Path = GOLDENS, u
     `update=True` writes the goldens instead and records the old → new diff as the checks.
     Bundles go to `workdir/<recipe>-tiny-<precision>` (kept) or to a temporary directory.
     """
-    names = list(recipes or PRECISIONS)
+    names = [name.strip() for name in recipes or PRECISIONS]
     for name in names:
         get_recipe(name)
         if name not in PRECISIONS:
@@ -222,8 +222,11 @@ def read_golden(path: Path) -> dict[str, Any] | None:
 
 def write_golden(path: Path, record: dict[str, Any]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_dumps(record) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_dumps(record) + "\n")
+    except OSError as exc:
+        raise WalkforgeError(f"cannot write golden {path}: {exc.strerror}") from None
 
 
 def _dumps(value: Any, indent: int = 0) -> str:

@@ -119,7 +119,7 @@ def plot_latency(report: Mapping[str, Any], png: Path) -> None:
     backends = sorted(report["results"], key=lambda b: (b != REFERENCE, b))
     walks = [*report["results"][backends[0]]["walks"], END_TO_END]
     table = {(w, b): (s, ratio) for w, b, s, ratio in rows(report)}
-    fig, (ax,) = _figure(1.6 + 1.2 * len(walks) * max(1, len(backends) / 2), 4)
+    fig, (ax,) = _figure(max(6.0, 1.6 + 1.2 * len(walks) * max(1, len(backends) / 2)), 4.5)
     width = 0.8 / len(backends)
     for i, backend in enumerate(backends):
         xs = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(walks))]
@@ -136,8 +136,8 @@ def plot_latency(report: Mapping[str, Any], png: Path) -> None:
     ax.set_xticks(range(len(walks)), walks)
     ax.set_yscale("log")
     ax.set_ylabel("latency, ms (median, p10–p90)")
-    ax.set_title(f"{label(report)} · batch {report['batch']} · {report['machine']}", fontsize=9)
-    ax.legend()
+    ax.set_title(f"{label(report)} · batch {report['batch']}\n{report['machine']}", fontsize=9)
+    fig.legend(loc="outside lower center", ncols=len(backends), fontsize=8)
     fig.savefig(png, dpi=120)
 
 
@@ -155,5 +155,7 @@ def plot_accuracy(results: Mapping[str, dict[str, Any]], png: Path) -> None:
     for ax, title in zip(axes, ("1 − cosine vs torch", "relative error vs torch"), strict=True):
         ax.set_yscale("log")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+    fig.suptitle("FP8 accuracy per walk vs the fp32 torch reference", fontsize=10)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=len(results), fontsize=8)
     fig.savefig(png, dpi=120)

@@ -30,10 +30,10 @@ KV_CACHE_WRITE_SIGNATURE = {
     "block_table_ptr": "*i64", "positions_ptr": "*i64",
     "num_layers": "i32", "batch": "i32", "seq_len": "i32", "num_pages": "i32", "max_pages": "i32",
 }  # fmt: skip
-PAGED_ATTENTION_SIGNATURE = {
-    "out_ptr": "*fp32", "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "pool_ptr": "*fp32",
+PAGED_ATTENTION_SIGNATURE = {  # TensorRT AOT order: input pointers, int32 scalars, output pointers
+    "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "pool_ptr": "*fp32",
     "block_table_ptr": "*i64", "prefix_lens_ptr": "*i64", "mask_ptr": "*i1",
-    "seq_len": "i32", "num_pages": "i32", "max_pages": "i32", "layer": "i32",
+    "seq_len": "i32", "num_pages": "i32", "max_pages": "i32", "layer": "i32", "out_ptr": "*fp32",
 }  # fmt: skip
 
 

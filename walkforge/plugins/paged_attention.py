@@ -145,8 +145,8 @@ def _online_softmax_step(acc, m_i, l_i, logits, values):
 
 @triton.jit
 def paged_attention_kernel(
-    out_ptr, q_ptr, k_ptr, v_ptr, pool_ptr, block_table_ptr, prefix_lens_ptr, mask_ptr,
-    seq_len, num_pages, max_pages, layer,
+    q_ptr, k_ptr, v_ptr, pool_ptr, block_table_ptr, prefix_lens_ptr, mask_ptr,
+    seq_len, num_pages, max_pages, layer, out_ptr,
     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     SCALE: tl.constexpr, FILL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -237,7 +237,7 @@ def paged_attention_triton(
     grid = (triton.cdiv(seq_len, config["BLOCK_M"]), heads, batch)
     check_triton_device(q.device)
     paged_attention_kernel[grid](
-        out, q, k, v, pool, block_table, prefix_lens, suffix_mask,
-        seq_len, num_pages, block_table.shape[1], layer, **config,
+        q, k, v, pool, block_table, prefix_lens, suffix_mask,
+        seq_len, num_pages, block_table.shape[1], layer, out, **config,
     )  # fmt: skip
     return out

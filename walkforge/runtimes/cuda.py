@@ -238,7 +238,8 @@ def torch_cuda_engines(bundle: Any, cuda_graphs: bool = True) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- cuda (onnxruntime-gpu) engines
 
-CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+CUDA_PROVIDERS = (("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider")
+"""fp32 ONNX stays fp32 (no TF32 matmuls): the cuda target is compared with the fp32 reference."""
 
 
 class OrtCudaEngine(OrtEngine):
@@ -253,7 +254,8 @@ class OrtCudaEngine(OrtEngine):
         preload = getattr(ort, "preload_dlls", None)  # CUDA / cuDNN from the nvidia-* wheels
         if preload is not None:
             preload()
-        super().__init__(name, path, contract, providers=CUDA_PROVIDERS)
+        super().__init__(name, path, contract, providers=CUDA_PROVIDERS)  # type: ignore[arg-type]
+        self.device = "cuda"
         providers = self.session.get_providers()
         if providers[0] != "CUDAExecutionProvider":  # onnxruntime-gpu falls back silently
             raise WalkforgeError(f"walk '{name}': onnxruntime did not start CUDAExecutionProvider (session "
