@@ -2,7 +2,7 @@
 PYTHON ?= python3
 STAMP := build/.installed
 
-.PHONY: install demo test test-fast lint bench gpu-check clean
+.PHONY: install demo test test-fast lint bench regress goldens gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -27,9 +27,16 @@ lint: $(STAMP)
 ## Benchmarks (not run in CI): bundles vs the torch reference, each backend in its own process.
 bench: $(STAMP)
 	$(PYTHON) -m walkforge.cli compile vae --variant sd -o build/vae-sd --force
-	$(PYTHON) -m walkforge.cli bench build/vae-sd --dim height=32 --dim width=32
+	$(PYTHON) -m walkforge.cli bench build/vae-sd --dim height=32 --dim width=32 --report reports
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small -o build/pi0-small --force
-	$(PYTHON) -m walkforge.cli bench build/pi0-small
+	$(PYTHON) -m walkforge.cli bench build/pi0-small --report reports
+
+## Recipe regression vs tests/goldens (CI). `make goldens` rewrites them after an intended change.
+regress: $(STAMP)
+	$(PYTHON) -m walkforge.cli regress
+
+goldens: $(STAMP)
+	$(PYTHON) -m walkforge.cli regress --update-goldens
 
 clean:
 	rm -rf build reports

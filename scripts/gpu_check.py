@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import platform
 import re
@@ -242,7 +241,6 @@ def wall_time_ms(fn: Callable[[], Any], warmup: int = 2, iters: int = 5) -> tupl
 
 
 def section_a(rows: list[Row], details: dict, args: argparse.Namespace) -> None:
-    import torch
     from plugin_cases import ALL_CASES, make_inputs
 
     from walkforge.plugins import kv_cache_write as kvw
@@ -324,17 +322,18 @@ def section_b(rows: list[Row], details: dict, args: argparse.Namespace) -> None:
                             f"{record['hidden_params']}, PTX ISA {record['ptx_isa']}, driver {driver}"))
 
 
-def _aot_values(kernel: str, x: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Sequence[int]], Any]:
+def aot_values(kernel: str, x: Mapping[str, Any], device: str = "cuda"
+               ) -> tuple[dict[str, Any], dict[str, Sequence[int]], Any]:
     """(argument values by signature name without '_ptr', shapes for the grid rule, output tensor)."""
     import torch
 
     if kernel == "kv_cache_write_kernel":
-        pool, k, v, block_table, positions = kv_args(x, "cuda")
+        pool, k, v, block_table, positions = kv_args(x, device)
         values = {"pool": pool, "k": k, "v": v, "block_table": block_table, "positions": positions,
                   "num_layers": pool.shape[0], "batch": positions.shape[0], "seq_len": positions.shape[1],
                   "num_pages": pool.shape[2], "max_pages": block_table.shape[1]}  # fmt: skip
         return values, {"k": k.shape}, pool
-    q, k, v, pool, block_table, prefix_lens, mask, layer, _ = attention_args(x, "cuda")
+    q, k, v, pool, block_table, prefix_lens, mask, layer, _ = attention_args(x, device)
     out = torch.empty_like(q)
     values = {"out": out, "q": q, "k": k, "v": v, "pool": pool, "block_table": block_table,
               "prefix_lens": prefix_lens, "mask": mask, "seq_len": q.shape[2], "num_pages": pool.shape[2],
@@ -353,7 +352,7 @@ def launch_aot(record: Mapping[str, Any], image: str, x: Mapping[str, Any]) -> A
     import torch
 
     drv = cupy.cuda.driver
-    values, shapes, out = _aot_values(record["kernel"], x)
+    values, shapes, out = aot_values(record["kernel"], x)
     data = record["cubin"] if image == "cubin" else record["ptx"].encode() + b"\0"
     module = drv.moduleLoadData(data)
     try:
@@ -361,7 +360,8 @@ def launch_aot(record: Mapping[str, Any], image: str, x: Mapping[str, Any]) -> A
         shared = int(record["shared_mem"])
         if shared > DEFAULT_SHARED_LIMIT:
             drv.funcSetAttribute(func, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
-        params = [_c_arg(values[name.removesuffix("_ptr")], kind) for name, kind in record["signature"].items()]
+        signature = record["signature"].items()
+        params = [c_arg(values[name.removesuffix("_ptr")], kind) for name, kind in signature]
         params += [ctypes.c_uint64(0) for _ in range(record["hidden_params"])]
         pointers = (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params))
         grid = eval_grid(record["grid"], shapes, record["constexprs"])
@@ -373,7 +373,8 @@ def launch_aot(record: Mapping[str, Any], image: str, x: Mapping[str, Any]) -> A
     return out
 
 
-def _c_arg(value: Any, kind: str) -> Any:
+def c_arg(value: Any, kind: str) -> Any:
+    """A ctypes value for one kernel argument: a pointer as u64, an i32 scalar."""
     import ctypes
 
     if kind.startswith("*"):
@@ -451,6 +452,16 @@ def run_pi0_chain(chain: Any, cfg: Any, feeds: Mapping[str, np.ndarray], pool: A
 def section_d(rows: list[Row], details: dict, args: argparse.Namespace) -> None:
     import torch
 
+    details["d"] = {}
+    _guarded(rows, "d", "pi0 full size", lambda: _pi0_full_size(rows, details, args))
+    torch.cuda.empty_cache()  # the full-size model is gone once _pi0_full_size returns
+    _guarded(rows, "d", "bundle backends", lambda: _bundle_backends(rows, details, args))
+
+
+def _pi0_full_size(rows: list[Row], details: dict, args: argparse.Namespace) -> None:
+    """Random-init full-size pi0 built on the GPU: fp32 reference, bf16 eager, torch-cuda."""
+    import torch
+
     from walkforge.recipes import pi0
 
     cfg = pi0.VARIANTS["pi0"]
@@ -464,14 +475,12 @@ def section_d(rows: list[Row], details: dict, args: argparse.Namespace) -> None:
     with torch.inference_mode():
         ref_ms, ref = wall_time_ms(lambda: model.sample_actions(**tensors), warmup=1, iters=3)
     ref = ref.float().cpu().numpy()
-    details["d"] = {"fp32_ms": ref_ms}
+    details["d"]["fp32_ms"] = ref_ms
     rows.append(Row("d", "pi0 fp32 eager (reference)", "info", f"{ref_ms:.1f} ms", "B=1, 3 views, 10 steps"))
     model.to(torch.bfloat16)
     _guarded(rows, "d", "pi0 bf16 eager", lambda: _pi0_eager(rows, details, model, tensors, ref, args))
-    _guarded(rows, "d", "pi0 torch-cuda", lambda: _pi0_torch_cuda(rows, details, model, cfg, feeds, ref, args))
-    del model
-    torch.cuda.empty_cache()
-    _guarded(rows, "d", "bundle backends", lambda: _bundle_backends(rows, details, args))
+    _guarded(rows, "d", "pi0 torch-cuda",
+             lambda: _pi0_torch_cuda(rows, details, model, cfg, feeds, ref, args))  # fmt: skip
 
 
 def _parity_row(rows: list[Row], details: dict, item: str, ms: float, actions: Any, ref: np.ndarray,
@@ -563,7 +572,7 @@ def machine() -> dict[str, Any]:
             info[module] = f"absent ({exc})"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["compute_capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+        info["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
     return info
 
 

@@ -199,28 +199,15 @@ def calibrate_bundle(bundle: Any, samples: Iterable[Mapping[str, np.ndarray]], m
     walk. Returns the manifest's `calibration` entry and summed pass counts.
     """
     from walkforge.runtimes.front import load
-    from walkforge.runtimes.onnxruntime import OrtEngine, to_numpy
+    from walkforge.runtimes.onnxruntime import OrtEngine
 
     walks = bundle.manifest["walks"]
     paths = {name: bundle.path(w["onnx"]) for name, w in walks.items()}
     collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), method, percentile,
                                       p.parent) for name, p in paths.items()}
-    runner, first = load(bundle, "cpu", spinning=False), {}
-
-    def observe(walk: str, inputs: Mapping[str, Any], _seconds: float) -> None:
-        feeds = {k: to_numpy(v).copy() for k, v in inputs.items()}
-        collectors[walk].update(feeds)
-        first.setdefault(walk, feeds)
-
-    runner.chain.observer = observe
+    runner = load(bundle, "cpu", spinning=False)
     samples = list(samples)
-    task = progress.add_task("calibrating", total=len(samples)) if progress is not None else None
-    for sample in samples:
-        runner.run(dict(sample))
-        if progress is not None:
-            progress.advance(task)
-    if progress is not None:
-        progress.remove_task(task)
+    first = _run_samples(runner, collectors, samples, progress)
     totals: dict[str, int] = {}
     entry = {"method": method, "samples": len(samples), "walks": {}}
     entry |= {"percentile": percentile} if method == "percentile" else {}
@@ -234,22 +221,53 @@ def calibrate_bundle(bundle: Any, samples: Iterable[Mapping[str, np.ndarray]], m
         model, counts = quantize_fp8(model, act, weights)
         save_model(model, path)
         fp8 = OrtEngine(name, path, walks[name], spinning=False)
-        in_place = set(walks[name].get("aliases", {}).values())
-        want, got = ({k: to_numpy(v).copy() for k, v in engine.run(_fresh(first[name], in_place)).items()}
-                     for engine in (runner.engines[name], fp8))
-        result = worst([agreement(got[k], want[k]) for k in want if want[k].dtype.kind == "f"])
-        walks[name]["ops"] = op_counts(model)
         entry["walks"][name] = {"scales": scales_file, "calls": collectors[name].samples,
-                                "vs_fp32": result.to_json(), **counts}
+                                "vs_fp32": _vs_fp32(runner.engines[name], fp8, first[name]), **counts}
+        walks[name]["ops"] = op_counts(model)
         for key, n in counts.items():
             totals[key] = totals.get(key, 0) + n
     return entry, totals
 
 
-def _fresh(feeds: Mapping[str, np.ndarray], in_place: set[str]) -> dict[str, np.ndarray]:
-    """Copies of `feeds`; buffers a walk updates in place (the page pool) zeroed, so the
-    output holds only what the walk wrote, not unused pages."""
-    return {k: np.zeros_like(v) if k in in_place else v.copy() for k, v in feeds.items()}
+def _run_samples(runner: Any, collectors: Mapping[str, AmaxCollector], samples: list,
+                 progress: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Run front-API samples through `runner`, feeding every engine call to its walk's collector;
+    return each walk's first call inputs."""
+    from walkforge.runtimes.onnxruntime import to_numpy
+
+    first: dict[str, dict[str, np.ndarray]] = {}
+
+    def observe(walk: str, inputs: Mapping[str, Any], _seconds: float) -> None:
+        feeds = {k: to_numpy(v).copy() for k, v in inputs.items()}
+        collectors[walk].update(feeds)
+        first.setdefault(walk, feeds)
+
+    runner.chain.observer = observe
+    task = progress.add_task("calibrating", total=len(samples)) if progress is not None else None
+    for sample in samples:
+        runner.run(dict(sample))
+        if progress is not None:
+            progress.advance(task)
+    if progress is not None:
+        progress.remove_task(task)
+    return first
+
+
+def _vs_fp32(fp32: Any, fp8: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, float] | None:
+    """Worst agreement of the float outputs, leaving out buffers updated in place (the page
+    pool: its unwritten pages are not the walk's output). None when nothing is left."""
+    from walkforge.runtimes.onnxruntime import to_numpy
+
+    names = [s.name for s in fp32.outputs if s.dtype.startswith("float") and s.name not in fp32.aliases]
+    if not names:
+        return None
+    want, got = ({k: to_numpy(v).copy() for k, v in engine.run(_copies(feeds)).items()}
+                 for engine in (fp32, fp8))
+    return worst([agreement(got[k], want[k]) for k in names]).to_json()
+
+
+def _copies(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in feeds.items()}  # outputs may be bound onto input buffers
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

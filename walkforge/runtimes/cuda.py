@@ -88,13 +88,13 @@ def host_array(value: Any) -> np.ndarray | torch.Tensor:
     return value.numpy() if isinstance(value, ort.OrtValue) else value
 
 
-def to_cuda(value: Any, spec: TensorSpec) -> torch.Tensor:
-    """`value` as a contiguous CUDA tensor of the spec's dtype; CUDA tensors pass uncopied."""
+def to_device(value: Any, spec: TensorSpec, device: str = "cuda") -> torch.Tensor:
+    """`value` as a contiguous tensor of the spec's dtype on `device`; tensors there pass uncopied."""
     value = host_array(value)
     tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
     if tensor.dtype != _TORCH_DTYPES[spec.dtype]:
         raise WalkforgeError(f"{spec.name}: expected {spec.dtype}, got {tensor.dtype}")
-    return tensor.to("cuda", non_blocking=True).contiguous()
+    return tensor.to(device, non_blocking=True).contiguous()
 
 
 def shape_of(value: Any) -> tuple[int, ...]:
@@ -108,16 +108,19 @@ class DeviceBuffers:
 
     `names` are the walk inputs that some walk updates in place (its `aliases`)."""
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], device: str = "cuda") -> None:
         self.names = frozenset(names)
+        self.device = device
         self._held: dict[int, tuple[Any, torch.Tensor]] = {}
 
     def get(self, spec: TensorSpec, value: Any) -> torch.Tensor:
-        if spec.name not in self.names or (isinstance(value, torch.Tensor) and value.is_cuda):
-            return to_cuda(value, spec)
+        """`value` on the device: resident names by host object (uploaded once), others as given."""
+        on_device = isinstance(value, torch.Tensor) and value.device.type == self.device
+        if spec.name not in self.names or on_device:
+            return to_device(value, spec, self.device)
         held = self._held.get(id(value))
         if held is None or held[0] is not value:  # keep `value` alive so its id stays unique
-            held = self._held[id(value)] = (value, to_cuda(value, spec))
+            held = self._held[id(value)] = (value, to_device(value, spec, self.device))
         return held[1]
 
     @staticmethod
@@ -198,7 +201,7 @@ class GraphedTorchEngine:
         """Warm up on a side stream, then capture one forward (torch.cuda.graphs' recipe)."""
         if len(self._captures) >= MAX_CAPTURES:
             del self._captures[next(iter(self._captures))]
-        static = {s.name: resident.get(s.name) if s.name in resident else to_cuda(env[s.name], s).clone()
+        static = {s.name: resident[s.name] if s.name in resident else to_device(env[s.name], s).clone()
                   for s in self.inputs}  # fmt: skip
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
