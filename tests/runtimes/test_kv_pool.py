@@ -49,3 +49,12 @@ def test_double_allocate_is_refused():
     pool.allocate("a", 1)
     with pytest.raises(WalkforgeError, match="already holds"):
         pool.allocate("a", 1)
+
+
+def test_freed_pool_allocates_like_a_fresh_one():
+    pool, fresh = make(), make()
+    pool.allocate("a", 9)
+    pool.allocate("b", 5)
+    pool.free("a")
+    pool.free("b")
+    assert pool.allocate("c", 13) == fresh.allocate("c", 13) == [0, 1, 2, 3]

@@ -7,6 +7,7 @@ plus a block table per request. Engines take the buffer as an input; the walk th
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -40,7 +41,8 @@ class KVPagePool:
         self.num_pages = num_pages
         # pool: [L, 2, NP, PS, KVH, D]
         self.buffer = np.zeros((layers, 2, num_pages, page_size, kv_heads, head_dim), dtype=dtype)
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self._free = list(range(num_pages))  # a heap: the lowest free pages go out first, so a
+        # pool whose requests were all freed hands out exactly what a fresh one would
         self._tables: dict[object, list[int]] = {}
 
     @property
@@ -57,11 +59,12 @@ class KVPagePool:
         if need > len(self._free):
             raise WalkforgeError(f"KV page pool exhausted: need {need} pages, {len(self._free)} free "
                                  f"of {self.num_pages}")
-        self._tables[request] = [self._free.pop() for _ in range(need)]
+        self._tables[request] = [heapq.heappop(self._free) for _ in range(need)]
         return list(self._tables[request])
 
     def free(self, request: object) -> None:
-        self._free.extend(reversed(self._tables.pop(request)))
+        for page in self._tables.pop(request):
+            heapq.heappush(self._free, page)
 
     def block_table(self, requests: list[object], width: int | None = None) -> np.ndarray:
         """int64 [len(requests), width]: each request's pages, padded with -1."""
