@@ -38,5 +38,10 @@ regress: $(STAMP)
 goldens: $(STAMP)
 	$(PYTHON) -m walkforge.cli regress --update-goldens
 
+## GPU checks on a CUDA machine (no install step: the lent GPU machines have no network and
+## their own torch/Triton; put onnxruntime-gpu first on PYTHONPATH to include the cuda target).
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) scripts/gpu_check.py
+
 clean:
 	rm -rf build reports

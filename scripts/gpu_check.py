@@ -352,6 +352,8 @@ def launch_aot(record: Mapping[str, Any], image: str, x: Mapping[str, Any]) -> A
     import torch
 
     drv = cupy.cuda.driver
+    if record["global_scratch_size"] or record["profile_scratch_size"]:
+        raise RuntimeError(f"{record['kernel']} wants scratch memory; this launcher passes null pointers")
     values, shapes, out = aot_values(record["kernel"], x)
     data = record["cubin"] if image == "cubin" else record["ptx"].encode() + b"\0"
     module = drv.moduleLoadData(data)
@@ -588,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--e2e-iters", type=int, default=5, help="timed pi0 runs per measurement (d)")
     ap.add_argument("--out", help="JSON path (default: $OUT/gpu-check.json or build/gpu-check.json)")
     args = ap.parse_args(argv)
+    if set(args.sections) - set(SECTIONS):
+        ap.error(f"--sections takes letters from {''.join(SECTIONS)}, got {args.sections!r}")
     import torch
 
     rows: list[Row] = []

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from walkforge import render
 from walkforge.errors import WalkforgeError
+from walkforge.runtimes.runner import BACKENDS
 
 stdout = Console()
 err = Console(stderr=True)
@@ -145,8 +146,8 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
               help="npz whose keys are the input names `inspect` shows.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="npz to write.")
 @click.option("--walk", help="Run one walk only (default: the whole plan through the front API).")
-@click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "torch"]),
-              help="Engine backend.")
+@click.option("--backend", default="cpu", show_default=True, type=click.Choice(list(BACKENDS)),
+              help="Engine backend; auto picks trt → cuda → torch-cuda → cpu and says why.")
 @click.option("--num-steps", type=int, help="Denoising steps (pi0; default: the compiled config's).")
 def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, backend: str,
             num_steps: int | None) -> None:

@@ -120,3 +120,27 @@ def test_bad_method_is_a_user_error() -> None:
         collect_amax(tiny_model(), feeds(1), method="entropy")
     with pytest.raises(WalkforgeError, match="no samples"):
         collect_amax(tiny_model(), [])
+
+
+@pytest.mark.slow
+def test_calibrate_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path) -> None:
+    from walkforge.artifacts.bundle import Bundle
+    from walkforge.compiler.calibrate import calibrate_bundle
+    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+    from walkforge.runtimes.inputs import example_inputs
+
+    manifest = compile_bundle(CompileRequest("vae", tmp_path / "vae"))
+    bundle = Bundle(tmp_path / "vae", manifest)
+    samples = [example_inputs(bundle, batch=2, seed=100 + k) for k in range(2)]
+    entry, counts = calibrate_bundle(bundle, samples, method="percentile", percentile=99.9)
+    assert counts["quantized_conv"] > 0 and counts["qdq_pairs"] > 0
+    decode = entry["walks"]["decode"]
+    assert entry["samples"] == 2 and decode["calls"] == 2
+    assert 0.98 < decode["vs_fp32"]["cosine"] < 1.0  # random weights, every conv but first/last in fp8
+    act, weights, meta = load_scales(bundle.path(decode["scales"]))
+    assert meta == {"method": "percentile", "samples": 2, "percentile": 99.9} and act and weights
+    walk = manifest["walks"]["decode"]
+    assert walk["ops"]["DequantizeLinear"] == counts["qdq_pairs"] + counts["weights_fp8"]
+    model = onnx.load(str(bundle.path(walk["onnx"])), load_external_data=False)
+    fp8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) > counts["weights_fp8"]  # weights plus zero points

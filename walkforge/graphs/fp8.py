@@ -177,7 +177,7 @@ def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
     weight_dq: dict[str, str] = {}
     fresh = _Names(graph)
     zero = fresh("fp8_zero")
-    new_inits = [numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), zero)]
+    new_inits = [numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), zero)] if uses else []
     for use in uses:
         inserted = before.setdefault(id(use.node), [])
         if use.activation not in act_dq:
