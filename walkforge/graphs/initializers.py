@@ -38,7 +38,8 @@ ONNX_DTYPES = {
 
 @dataclass
 class Fold:
-    """Transposes (all with one `perm`) that are a weight's only consumers."""
+    """Transposes (all with one `perm`, [] for the default) that are a weight's only readers;
+    the weight is stored pre-transposed as `<weight>_t`."""
 
     perm: list[int]
     nodes: list[onnx.NodeProto] = field(default_factory=list)
@@ -54,18 +55,19 @@ def attach_initializers(model: onnx.ModelProto, weights: Path, data_file: str | 
     reads but that is neither computed, a graph input, an initializer nor in `weights`).
     """
     graph = model.graph
-    written = 0
+    location, written = Path(data_file).name, 0
     with safe_open(str(weights), framework="pt") as st:
         keys = set(st.keys())
         names = [n for n in _free_names(graph) if n in keys]
         folds = _foldable(graph, names)
+        _rewire(graph, folds)
         with open(data_file, "wb") as fh:
             for name in names:
                 tensor = st.get_tensor(name)  # one tensor in memory at a time
                 if name in folds:
                     tensor = tensor.permute(folds[name].perm or list(range(tensor.dim()))[::-1])
-                    name = _fold(graph, name, folds[name])
-                graph.initializer.append(_write(fh, Path(data_file).name, name, tensor))
+                stored = f"{name}_t" if name in folds else name
+                graph.initializer.append(_write(fh, location, stored, tensor))
                 written += tensor.numel() * tensor.element_size()
     counts = {"initializers": len(names), "bytes": written,
               "transposes_folded": sum(len(f.nodes) for f in folds.values()),
@@ -107,17 +109,15 @@ def _perm(node: onnx.NodeProto) -> list[int]:
     return []
 
 
-def _fold(graph: onnx.GraphProto, name: str, fold: Fold) -> str:
-    """Rewire readers of the Transposes to a new initializer `<name>_t`; drop the Transposes."""
-    new = f"{name}_t"
-    gone = {n.output[0] for n in fold.nodes}
+def _rewire(graph: onnx.GraphProto, folds: dict[str, Fold]) -> None:
+    """Point readers of each folded Transpose at `<weight>_t`; drop the Transposes."""
+    renamed = {n.output[0]: f"{weight}_t" for weight, fold in folds.items() for n in fold.nodes}
     for node in graph.node:
         for i, value in enumerate(node.input):
-            if value in gone:
-                node.input[i] = new
-    _keep(graph.node, lambda n: not (n.op_type == "Transpose" and n.output[0] in gone))
-    _keep(graph.value_info, lambda v: v.name not in gone)
-    return new
+            if value in renamed:
+                node.input[i] = renamed[value]
+    _keep(graph.node, lambda n: not (n.op_type == "Transpose" and n.output[0] in renamed))
+    _keep(graph.value_info, lambda v: v.name not in renamed)
 
 
 def _write(fh: BinaryIO, location: str, name: str, tensor: torch.Tensor) -> TensorProto:

@@ -485,3 +485,9 @@ def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.d
         shape = tuple(2 if isinstance(d, str) else d for d in s.shape)
         out[name] = (given[name] if name in given else torch.randn(shape, generator=gen)).to(device)
     return out
+
+
+def kernel_shapes(cfg: Pi0Config) -> dict[str, int]:
+    """What the plugin kernels are specialised to when compiled ahead of time (denoise attention)."""
+    return {"num_heads": cfg.expert.heads, "kv_heads": cfg.expert.kv_heads,
+            "head_dim": cfg.expert.head_dim, "page_size": PAGE_SIZE}
