@@ -52,7 +52,8 @@ def test_regress_flags_changed_numerics(monkeypatch: pytest.MonkeyPatch) -> None
         return model
 
     monkeypatch.setattr(vae, "build", nudged)
-    (result,) = rg.regress(["vae"], GOLDENS).results
+    result = rg.regress(["vae"], GOLDENS).results[0]
+    assert result.name == "vae-tiny-fp32"
     failed = {c.metric for c in result.failed}
     assert not result.ok
     assert "weights_fingerprint" in failed
@@ -75,15 +76,16 @@ def test_update_goldens_writes_then_passes(stored: rg.Report, tmp_path: Path,
     golden["outputs"]["sample"]["mean"] += 1.0
     rg.write_golden(path, golden)
     assert not rg.regress(["vae"], tmp_path).ok
-    (update,) = rg.regress(["vae"], tmp_path, update=True).results
+    update = rg.regress(["vae"], tmp_path, update=True).results[0]
     assert [(c.metric, c.now) for c in update.checks] == [
         ("outputs.sample.mean", cached[("vae", "fp32")]["outputs"]["sample"]["mean"])]
 
 
 def test_missing_golden_fails_with_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rg, "measure", lambda *a, **k: pytest.fail("measured without a golden"))
-    (result,) = rg.regress(["vae"], tmp_path).results
-    assert not result.ok and "--update-goldens" in result.problem
+    results = rg.regress(["vae"], tmp_path).results
+    assert [r.name for r in results] == ["vae-tiny-fp32", "vae-tiny-fp8"]
+    assert all(not r.ok and "--update-goldens" in r.problem for r in results)
     run = CliRunner().invoke(cli, ["regress", "--recipes", "vae", "--goldens", str(tmp_path)])
     assert run.exit_code == 1, run.output
     assert "--update-goldens" in run.output and "Traceback" not in run.output

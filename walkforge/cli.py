@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from walkforge import render
+from walkforge.compiler.kernels import DEFAULT_ARCHS
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.runner import BACKENDS
 
@@ -54,13 +55,30 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (atomically).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
+@click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
+              help="fp8: E4M3 Q/DQ on GEMM/conv inputs and weights (TensorRT fuses them; the CPU "
+                   "target emulates FP8 accuracy, it is not faster).")
+@click.option("--calib-samples", default=8, show_default=True,
+              help="fp8: seeded synthetic example batches to calibrate on (the recipe's fake_inputs).")
+@click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="fp8: npz of recorded front-API inputs (`walkforge inputs` format) to calibrate on.")
+@click.option("--calib-method", type=click.Choice(["max", "percentile"]), default="max", show_default=True,
+              help="fp8: activation amax = max |x|, or a percentile of |x|.")
+@click.option("--calib-percentile", default=99.99, show_default=True,
+              help="fp8, percentile method: which percentile of |x|.")
+@click.option("--gpu-archs", default=",".join(DEFAULT_ARCHS), show_default=True,
+              help="GPU architectures to AOT-compile the plugin kernels for (comma-separated; "
+                   "empty for none). Needs no GPU.")
 def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, config_file: Path | None,
-                seed: int, out: Path, force: bool) -> None:
+                seed: int, out: Path, force: bool, precision: str, calib_samples: int,
+                calib_data: Path | None, calib_method: str, calib_percentile: float, gpu_archs: str) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
     from walkforge.compiler.pipeline import CompileRequest, compile_bundle
     from walkforge.compiler.progress import Progress
 
-    req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force)
+    archs = tuple(a for a in gpu_archs.split(",") if a)
+    req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force, precision,
+                         calib_samples, calib_data, calib_method, calib_percentile, archs)
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")

@@ -24,7 +24,7 @@ from walkforge.recipes.weights import fingerprint
 
 BUNDLE_VS_DIFFUSERS_TOL = 1e-4  # relative max error: max|bundle - diffusers| / max|diffusers|
 CHECK_COSINE_MIN = 0.99999
-STAGE_NAMES = ["load", "trace", "passes", "check", "build", "package"]
+STAGE_NAMES = ["load", "trace", "passes", "check", "build", "calibrate", "kernels", "trt_lint", "package"]
 
 
 def rel_max_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -83,7 +83,7 @@ def test_tiny_manifest(tiny_bundle: Path) -> None:
     assert check["rel"] <= pipeline.CHECK_REL_TOL
     # the manifest is written by `package`, so package's own counts are not in it
     assert list(m["stages"])[:5] == STAGE_NAMES[:5]
-    assert len(m["files"]) == 2
+    assert set(m["files"]) == {"walks/decode.onnx", "walks/decode.onnx.data", "weights/model.safetensors"}
 
 
 def test_load_stage_fingerprint_follows_seed(tmp_path: Path, tiny_bundle: Path) -> None:

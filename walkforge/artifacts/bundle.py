@@ -113,7 +113,7 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     """Check each listed file's size and sha256; refuse missing, truncated or changed files."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise WalkforgeError(f"{Path(root) / MANIFEST}: manifest has no files table; cannot verify the bundle")
+        raise WalkforgeError(f"{Path(root) / MANIFEST}: manifest has no files table; cannot verify it")
     for rel, entry in files.items():
         if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
             raise WalkforgeError(f"{Path(root) / MANIFEST}: malformed files entry for {rel}")

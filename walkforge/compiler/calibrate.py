@@ -322,3 +322,18 @@ def _histogram_percentile(hist: np.ndarray, percentile: float) -> float:
     rank = int(np.ceil((cum[-1] - 1) * percentile / 100)) + 1  # 1-based
     b = int(np.searchsorted(cum, rank))
     return float(2.0 ** (LOG2_RANGE[0] + (b + 1) / BINS_PER_OCTAVE))
+
+
+def calibration_samples(bundle: Any, data: Path | None, count: int, seed: int
+                        ) -> list[dict[str, np.ndarray]]:
+    """Front-API inputs to calibrate on: the user's npz (one run), else `count` seeded example
+    batches from the recipe's `fake_inputs` (its documented synthetic distribution)."""
+    if data is not None:
+        try:
+            with np.load(data, allow_pickle=False) as npz:
+                return [{k: npz[k] for k in npz.files}]
+        except (OSError, ValueError) as exc:
+            raise WalkforgeError(f"--calib-data {data}: not a readable npz ({exc})") from None
+    from walkforge.runtimes.inputs import example_inputs
+
+    return [example_inputs(bundle, batch=2, seed=seed + 1000 + k) for k in range(count)]

@@ -1,4 +1,5 @@
-"""The compile pipeline: load → trace → passes → check → build → package.
+"""The compile pipeline: load → trace → passes → check → build → calibrate → kernels →
+trt_lint → package.
 
 Each stage takes the shared `Job`, does one thing and returns counts that are logged and
 recorded in the manifest. A stage failure raises `CompileError` naming the stage and the
@@ -24,9 +25,10 @@ from safetensors.torch import save_file
 
 import walkforge
 from walkforge import plugins
-from walkforge.artifacts.bundle import staged_bundle, write_manifest
+from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import OPSET, export_walk, op_counts
+from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, plugin_ops
 from walkforge.compiler.progress import Progress
 from walkforge.errors import CompileError, WalkforgeError
 from walkforge.graphs.walk import GraphNode
@@ -51,6 +53,12 @@ class CompileRequest:
     config_file: Path | None = None
     seed: int = 0
     force: bool = False
+    precision: str = "fp32"  # "fp32" | "fp8" (E4M3 Q/DQ on GEMM/conv inputs and weights)
+    calib_samples: int = 8
+    calib_data: Path | None = None
+    calib_method: str = "max"  # "max" | "percentile"
+    calib_percentile: float = 99.99
+    gpu_archs: tuple[str, ...] = DEFAULT_ARCHS
 
 
 @dataclass
@@ -211,14 +219,62 @@ def build(job: Job) -> dict[str, int]:
     return {"targets": 1}
 
 
+def calibrate(job: Job) -> dict[str, int]:
+    """fp8: calibrate on the fp32 cpu engines, then rewrite every walk with FP8 Q/DQ."""
+    from walkforge.compiler.calibrate import calibrate_bundle, calibration_samples
+
+    req = job.request
+    if req.precision not in PRECISIONS:
+        raise WalkforgeError(f"precision must be one of {', '.join(PRECISIONS)}, got '{req.precision}'")
+    if req.precision == "fp32":
+        return {}
+    bundle = Bundle(job.stage_dir, job.manifest)
+    samples = calibration_samples(bundle, req.calib_data, req.calib_samples, req.seed)
+    entry, counts = calibrate_bundle(bundle, samples, req.calib_method, req.calib_percentile,
+                                     job.progress.bar)
+    job.manifest["precision"] = {"weights": "fp8_e4m3", "activations": "fp8_e4m3", "kv": "fp32",
+                                 "calibration": entry}
+    for name, walk in entry["walks"].items():
+        if walk["vs_fp32"]:
+            job.progress.say(f"{name}: fp8 vs fp32 cosine {walk['vs_fp32']['cosine']:.6f}")
+    return counts
+
+
+def kernels(job: Job) -> dict[str, int]:
+    """AOT-compile the plugin kernels the walks use, for every requested GPU architecture."""
+    ops = plugin_ops(job.manifest["walks"])
+    if not ops or not job.request.gpu_archs:
+        return {}
+    records = build_kernels(job.stage_dir, job.request.gpu_archs, job.recipe.kernel_shapes(job.cfg))
+    job.manifest["kernels"] = records
+    for r in records:
+        job.progress.say(f"{r['kernel']} {r['arch']}: PTX ISA {r['ptx_isa']}, Triton {r['triton_version']}")
+    return {"kernels": len(records), "archs": len(job.request.gpu_archs)}
+
+
+def trt_lint(job: Job) -> dict[str, int]:
+    """TensorRT-readiness of every walk. Recorded, never fatal: onnxruntime is the default target."""
+    from walkforge.graphs.trt_lint import errors, format_findings, lint_bundle, summary
+
+    by_walk = lint_bundle(job.stage_dir, job.manifest)
+    job.manifest["trt_lint"] = summary(by_walk)
+    bad = {walk: errors(found) for walk, found in by_walk.items()}
+    for line in format_findings(bad).splitlines():
+        job.progress.say(f"warning: TensorRT lint: {line}")
+        log.warning("TensorRT lint: %s", line)
+    n_errors = sum(len(found) for found in bad.values())
+    return {"trt_errors": n_errors, "trt_warnings": sum(len(f) for f in by_walk.values()) - n_errors}
+
+
 def package(job: Job) -> dict[str, int]:
     job.manifest = write_manifest(job.stage_dir, job.manifest)
     return {"files": len(job.manifest["files"]),
             "bytes": sum(f["size"] for f in job.manifest["files"].values())}
 
 
-STAGES = (("load", load), ("trace", trace), ("passes", passes), ("check", check),
-          ("build", build), ("package", package))
+PRECISIONS = ("fp32", "fp8")
+STAGES = (("load", load), ("trace", trace), ("passes", passes), ("check", check), ("build", build),
+          ("calibrate", calibrate), ("kernels", kernels), ("trt_lint", trt_lint), ("package", package))
 
 
 def compile_bundle(request: CompileRequest, progress: Progress | None = None) -> dict[str, Any]:

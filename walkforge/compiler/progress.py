@@ -22,6 +22,11 @@ class Progress:
         self._task = None
         self._t0 = 0.0
 
+    @property
+    def bar(self) -> RichProgress | None:
+        """The live rich bar (None when disabled); long stages add their own task to it."""
+        return self._bar
+
     @contextmanager
     def stages(self, total: int) -> Iterator[None]:
         if not self.enabled:

@@ -73,7 +73,9 @@ def _(pool, k, v, block_table, positions):
 
 def translate(pool, k, v, block_table, positions):
     """custom_translation_table entry: one bare `walkforge.KVCacheWrite` node."""
-    return WALKFORGE_OPSET.KVCacheWrite(pool, k, v, block_table, positions, plugin_namespace=PLUGIN_NAMESPACE, aot=1)
+    return WALKFORGE_OPSET.KVCacheWrite(
+        pool, k, v, block_table, positions, plugin_namespace=PLUGIN_NAMESPACE, aot=1
+    )
 
 
 @script(WALKFORGE_OPSET, default_opset=op)

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from walkforge.errors import WalkforgeError
+from walkforge.graphs.fp8 import ORT_DISABLED_OPTIMIZERS
 from walkforge.graphs.walk import TensorSpec
 
 Value = np.ndarray | ort.OrtValue
@@ -45,7 +46,8 @@ class OrtEngine:
         self.aliases = dict(contract.get("aliases", {}))
         try:
             self.session = ort.InferenceSession(
-                str(path), session_options(threads, spinning), providers=list(providers)
+                str(path), session_options(threads, spinning), providers=list(providers),
+                disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),  # FP8-unsafe rewrites
             )
         except Exception as exc:  # onnxruntime raises untyped pybind errors
             raise WalkforgeError(f"walk '{name}': onnxruntime cannot load {path.name}: "
