@@ -66,19 +66,30 @@ def cli(verbose: bool) -> None:
               help="fp8: activation amax = max |x|, or a percentile of |x|.")
 @click.option("--calib-percentile", default=99.99, show_default=True,
               help="fp8, percentile method: which percentile of |x|.")
+@click.option("--reuse-calibration", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="fp8: take the FP8 scales from this earlier bundle (refused unless its weights "
+                   "fingerprint matches).")
+@click.option("--fp8-min-cosine", type=float,
+              help="fp8: end-to-end cosine vs fp32 the bundle must reach; the most sensitive layers "
+                   "are kept in fp32 until it does (they are reported).")
+@click.option("--fp8-exclude", default="", help="fp8: comma-separated node names or torch module paths "
+              "to keep in fp32 (besides the defaults: embeddings, first conv, last projection).")
 @click.option("--gpu-archs", default=",".join(DEFAULT_ARCHS), show_default=True,
               help="GPU architectures to AOT-compile the plugin kernels for (comma-separated; "
                    "empty for none). Needs no GPU.")
 def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, config_file: Path | None,
                 seed: int, out: Path, force: bool, precision: str, calib_samples: int,
-                calib_data: Path | None, calib_method: str, calib_percentile: float, gpu_archs: str) -> None:
+                calib_data: Path | None, calib_method: str, calib_percentile: float,
+                reuse_calibration: Path | None, fp8_min_cosine: float | None, fp8_exclude: str,
+                gpu_archs: str) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
     from walkforge.compiler.pipeline import CompileRequest, compile_bundle
     from walkforge.compiler.progress import Progress
 
     archs = tuple(a for a in gpu_archs.split(",") if a)
     req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force, precision,
-                         calib_samples, calib_data, calib_method, calib_percentile, archs)
+                         calib_samples, calib_data, calib_method, calib_percentile, reuse_calibration,
+                         fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs)
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")

@@ -122,25 +122,77 @@ def test_bad_method_is_a_user_error() -> None:
         collect_amax(tiny_model(), [])
 
 
-@pytest.mark.slow
-def test_calibrate_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path) -> None:
-    from walkforge.artifacts.bundle import Bundle
-    from walkforge.compiler.calibrate import calibrate_bundle
+@pytest.fixture(scope="module")
+def vae_fp32(tmp_path_factory):
     from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+
+    out = tmp_path_factory.mktemp("fp8") / "vae"
+    compile_bundle(CompileRequest("vae", out))
+    return out
+
+
+def staged_copy(src, dst):
+    import shutil
+
+    from walkforge.artifacts.bundle import Bundle, read_manifest
+
+    shutil.copytree(src, dst)
+    return Bundle(dst, read_manifest(dst))
+
+
+@pytest.mark.slow
+def test_quantize_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path, vae_fp32) -> None:
+    from walkforge.compiler.quantize import SCALES_FILE, Fp8Options, load_scales, quantize_bundle
     from walkforge.runtimes.inputs import example_inputs
 
-    manifest = compile_bundle(CompileRequest("vae", tmp_path / "vae"))
-    bundle = Bundle(tmp_path / "vae", manifest)
+    bundle = staged_copy(vae_fp32, tmp_path / "vae")
     samples = [example_inputs(bundle, batch=2, seed=100 + k) for k in range(2)]
-    entry, counts = calibrate_bundle(bundle, samples, method="percentile", percentile=99.9)
+    entry, counts = quantize_bundle(bundle, samples, Fp8Options("percentile", 99.9))
     assert counts["quantized_conv"] > 0 and counts["qdq_pairs"] > 0
-    decode = entry["walks"]["decode"]
-    assert entry["samples"] == 2 and decode["calls"] == 2
-    assert 0.98 < decode["vs_fp32"]["cosine"] < 1.0  # random weights, every conv but first/last in fp8
-    act, weights, meta = load_scales(bundle.path(decode["scales"]))
-    assert meta == {"method": "percentile", "samples": 2, "percentile": 99.9} and act and weights
-    walk = manifest["walks"]["decode"]
+    assert entry["samples"] == 2 and entry["calls"] == {"decode": 2}
+    assert 0.98 < entry["end_to_end"]["cosine"] < 1.0  # random weights, every conv but first/last fp8
+    assert entry["scales"] == SCALES_FILE and entry["gate"]["excluded"] == []
+    scales, meta = load_scales(bundle.path(SCALES_FILE))
+    act, weights = scales["decode"]
+    assert meta["method"] == "percentile" and meta["percentile"] == 99.9 and act and weights
+    walk = bundle.manifest["walks"]["decode"]
     assert walk["ops"]["DequantizeLinear"] == counts["qdq_pairs"] + counts["weights_fp8"]
     model = onnx.load(str(bundle.path(walk["onnx"])), load_external_data=False)
     fp8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
     assert len(fp8) > counts["weights_fp8"]  # weights plus zero points
+
+
+@pytest.mark.slow
+def test_gate_keeps_sensitive_layers_in_fp32_until_it_holds(tmp_path, vae_fp32) -> None:
+    from walkforge.compiler.quantize import Fp8Options, quantize_bundle
+    from walkforge.runtimes.inputs import example_inputs
+
+    bundle = staged_copy(vae_fp32, tmp_path / "vae")
+    samples = [example_inputs(bundle, batch=2, seed=100)]
+    entry, counts = quantize_bundle(bundle, samples, Fp8Options(min_cosine=0.999))
+    assert entry["end_to_end"]["cosine"] >= 0.999  # ungated it is ≈ 0.993 on these random weights
+    assert entry["gate"]["excluded"] and all(e.startswith("decode:") for e in entry["gate"]["excluded"])
+    assert counts["skipped_excluded"] == len(entry["gate"]["excluded"])
+
+
+def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
+    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+    from walkforge.compiler.quantize import SCALES_FILE
+    from walkforge.compiler.quantize import load_scales as load_bundle_scales
+
+    first = compile_bundle(CompileRequest("vae", tmp_path / "a", precision="fp8", calib_samples=1))
+    again = compile_bundle(CompileRequest("vae", tmp_path / "b", precision="fp8",
+                                          reuse_calibration=tmp_path / "a"))
+    calib = again["precision"]["calibration"]
+    assert calib["reused_from"] == str(tmp_path / "a")
+    (old, _), (new, meta) = (load_bundle_scales(tmp_path / d / SCALES_FILE) for d in "ab")
+    assert meta["reused_from"] == str(tmp_path / "a")
+    assert old["decode"][0] == new["decode"][0]  # activation scales taken over unchanged
+    assert all(np.array_equal(old["decode"][1][k], v) for k, v in new["decode"][1].items())
+    assert first["walks"]["decode"]["ops"] == again["walks"]["decode"]["ops"]
+    with pytest.raises(WalkforgeError, match="weights fingerprint .* differs"):
+        compile_bundle(CompileRequest("vae", tmp_path / "c", precision="fp8", seed=5,
+                                      reuse_calibration=tmp_path / "a"))
+    with pytest.raises(WalkforgeError, match="has no FP8 calibration"):
+        compile_bundle(CompileRequest("vae", tmp_path / "d", precision="fp8", reuse_calibration=vae_fp32))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

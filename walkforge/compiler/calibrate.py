@@ -32,12 +32,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from walkforge.compiler.check import agreement, worst
-from walkforge.compiler.export import op_counts
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.fp8 import (
     GEMM_OPS,
     ORT_DISABLED_OPTIMIZERS,
-    fp8_scales,
     node_name,
     plan_fp8,
     quantize_fp8,
@@ -187,48 +185,6 @@ def per_layer_sensitivity(model: onnx.ModelProto, act_scales: Mapping[str, float
     return sorted(result, key=lambda item: item[1])
 
 
-def calibrate_bundle(bundle: Any, samples: Iterable[Mapping[str, np.ndarray]], method: str = "max",
-                     percentile: float = 99.99,
-                     progress: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
-    """Calibrate and FP8-quantise every walk of a staged bundle (a `Bundle` with a cpu target).
-
-    Runs `samples` (front-API inputs, as `walkforge inputs` writes) through the fp32 engines
-    the way the runtime chains them; every engine call (each loop step included) is a
-    calibration sample of its walk. Writes `calibration/<walk>.safetensors`, rewrites each
-    walk's ONNX with FP8 Q/DQ, and measures fp8 vs fp32 on the first recorded call of each
-    walk. Returns the manifest's `calibration` entry and summed pass counts.
-    """
-    from walkforge.runtimes.front import load
-    from walkforge.runtimes.onnxruntime import OrtEngine
-
-    walks = bundle.manifest["walks"]
-    paths = {name: bundle.path(w["onnx"]) for name, w in walks.items()}
-    collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), method, percentile,
-                                      p.parent) for name, p in paths.items()}
-    runner = load(bundle, "cpu", spinning=False)
-    samples = list(samples)
-    first = _run_samples(runner, collectors, samples, progress)
-    totals: dict[str, int] = {}
-    entry = {"method": method, "samples": len(samples), "walks": {}}
-    entry |= {"percentile": percentile} if method == "percentile" else {}
-    (bundle.root / "calibration").mkdir(exist_ok=True)
-    for name, path in paths.items():
-        model = onnx.load(str(path))  # weights included: the pass rewrites them
-        act, weights = fp8_scales(collectors[name].result()), fp8_scales(weight_amax(model))
-        scales_file = f"calibration/{name}.safetensors"
-        meta = {"method": method, "samples": collectors[name].samples, "percentile": percentile}
-        save_scales(bundle.path(scales_file), act, weights, meta)
-        model, counts = quantize_fp8(model, act, weights)
-        save_model(model, path)
-        fp8 = OrtEngine(name, path, walks[name], spinning=False)
-        entry["walks"][name] = {"scales": scales_file, "calls": collectors[name].samples,
-                                "vs_fp32": _vs_fp32(runner.engines[name], fp8, first[name]), **counts}
-        walks[name]["ops"] = op_counts(model)
-        for key, n in counts.items():
-            totals[key] = totals.get(key, 0) + n
-    return entry, totals
-
-
 def _run_samples(runner: Any, collectors: Mapping[str, AmaxCollector], samples: list,
                  progress: Any) -> dict[str, dict[str, np.ndarray]]:
     """Run front-API samples through `runner`, feeding every engine call to its walk's collector;
@@ -251,23 +207,6 @@ def _run_samples(runner: Any, collectors: Mapping[str, AmaxCollector], samples: 
     if progress is not None:
         progress.remove_task(task)
     return first
-
-
-def _vs_fp32(fp32: Any, fp8: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, float] | None:
-    """Worst agreement of the float outputs, leaving out buffers updated in place (the page
-    pool: its unwritten pages are not the walk's output). None when nothing is left."""
-    from walkforge.runtimes.onnxruntime import to_numpy
-
-    names = [s.name for s in fp32.outputs if s.dtype.startswith("float") and s.name not in fp32.aliases]
-    if not names:
-        return None
-    want, got = ({k: to_numpy(v).copy() for k, v in engine.run(_copies(feeds)).items()}
-                 for engine in (fp32, fp8))
-    return worst([agreement(got[k], want[k]) for k in names]).to_json()
-
-
-def _copies(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v.copy() for k, v in feeds.items()}  # outputs may be bound onto input buffers
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -58,6 +58,9 @@ class CompileRequest:
     calib_data: Path | None = None
     calib_method: str = "max"  # "max" | "percentile"
     calib_percentile: float = 99.99
+    reuse_calibration: Path | None = None  # take FP8 scales from this bundle (same weights only)
+    fp8_min_cosine: float | None = None  # end-to-end gate: exclude sensitive nodes until it holds
+    fp8_exclude: tuple[str, ...] = ()  # node names or torch module paths kept in fp32
     gpu_archs: tuple[str, ...] = DEFAULT_ARCHS
 
 
@@ -220,8 +223,9 @@ def build(job: Job) -> dict[str, int]:
 
 
 def calibrate(job: Job) -> dict[str, int]:
-    """fp8: calibrate on the fp32 cpu engines, then rewrite every walk with FP8 Q/DQ."""
-    from walkforge.compiler.calibrate import calibrate_bundle, calibration_samples
+    """fp8: calibrate on the fp32 cpu engines (or reuse scales), quantise, gate end to end."""
+    from walkforge.compiler.calibrate import calibration_samples
+    from walkforge.compiler.quantize import Fp8Options, quantize_bundle
 
     req = job.request
     if req.precision not in PRECISIONS:
@@ -229,15 +233,17 @@ def calibrate(job: Job) -> dict[str, int]:
     if req.precision == "fp32":
         return {}
     bundle = Bundle(job.stage_dir, job.manifest)
-    samples = calibration_samples(bundle, req.calib_data, req.calib_samples, req.seed)
-    entry, counts = calibrate_bundle(bundle, samples, req.calib_method, req.calib_percentile,
-                                     job.progress.bar)
+    samples = [] if req.reuse_calibration else calibration_samples(
+        bundle, req.calib_data, req.calib_samples, req.seed)
+    opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
+                      req.fp8_min_cosine, req.fp8_exclude)
+    entry, counts = quantize_bundle(bundle, samples, opts, job.progress.bar)
     job.manifest["precision"] = {"weights": "fp8_e4m3", "activations": "fp8_e4m3", "kv": "fp32",
                                  "calibration": entry}
-    for name, walk in entry["walks"].items():
-        if walk["vs_fp32"]:
-            job.progress.say(f"{name}: fp8 vs fp32 cosine {walk['vs_fp32']['cosine']:.6f}")
-    return counts
+    e2e, excluded = entry["end_to_end"], entry["gate"]["excluded"]
+    job.progress.say(f"fp8 vs fp32 end to end: cosine {e2e['cosine']:.6f}, rel err {e2e['rel']:.2e}"
+                     + (f"; kept in fp32: {', '.join(excluded)}" if excluded else ""))
+    return counts | {"excluded": len(excluded)}
 
 
 def kernels(job: Job) -> dict[str, int]:

@@ -1,0 +1,200 @@
+"""FP8 for a staged bundle: calibrate (or reuse) scales, quantise every walk, gate end to end.
+
+1. Scales: run calibration samples through the fp32 cpu engines the way the runtime chains
+   them (every engine call, each loop step included, is a sample of its walk) — or take them
+   from an earlier bundle with the same weights (`reuse`). One artifact holds them all:
+   `calib/scales.safetensors`, keys `<walk>/act/<tensor>` and `<walk>/weight/<initializer>`.
+2. Quantise: the FP8 Q/DQ pass over every walk, minus excluded nodes.
+3. Gate (`min_cosine`): end-to-end cosine of the front API's outputs vs the fp32 engines on
+   held-out inputs. While below the gate, exclude the most sensitive nodes (each measured by
+   quantising it alone), doubling how many, and quantise again. Reports what it excluded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from walkforge.artifacts.bundle import Bundle, read_manifest
+from walkforge.compiler.calibrate import (
+    AmaxCollector,
+    _run_samples,
+    _session,
+    per_layer_sensitivity,
+    save_model,
+    weight_amax,
+)
+from walkforge.compiler.check import agreement, worst
+from walkforge.compiler.export import op_counts
+from walkforge.errors import WalkforgeError
+from walkforge.graphs.fp8 import fp8_scales, quantize_fp8
+
+SCALES_FILE = "calib/scales.safetensors"
+HELD_OUT_SEEDS = (7001, 7002)  # end-to-end gate inputs; calibration uses seed + 1000 + k
+
+Scales = dict[str, tuple[dict[str, float], dict[str, np.ndarray]]]  # walk → (activations, weights)
+
+
+@dataclass(frozen=True)
+class Fp8Options:
+    method: str = "max"
+    percentile: float = 99.99
+    reuse: Path | None = None  # an earlier bundle whose scales to take (same weights only)
+    min_cosine: float | None = None  # end-to-end gate; None = measure, never exclude
+    exclude: tuple[str, ...] = ()  # node names or torch module paths never quantised
+
+
+def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
+                    progress: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
+    """Make every walk of a staged fp32 bundle FP8; return the manifest's calibration entry and
+    the Q/DQ pass counts summed over walks."""
+    from walkforge.runtimes.front import load
+    from walkforge.runtimes.inputs import example_inputs
+
+    paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
+    fp32 = {name: onnx.load(str(p)) for name, p in paths.items()}  # weights in memory
+    runner = load(bundle, "cpu", spinning=False)
+    held_out = [example_inputs(bundle, batch=2, seed=s) for s in HELD_OUT_SEEDS]
+    first: dict[str, dict[str, np.ndarray]] = {}
+    runner.chain.observer = lambda walk, inputs, _s: first.setdefault(walk, _numpy(inputs))
+    reference = [runner.run(dict(s)) for s in held_out]
+    if opts.reuse is not None:
+        scales, meta = reused_scales(opts.reuse, bundle.manifest)
+    else:
+        scales, meta = collected_scales(runner, fp32, paths, samples, opts, progress)
+    del runner  # its sessions read the fp32 files about to be rewritten
+    save_scales(bundle.path(SCALES_FILE), scales, meta)
+    excluded: dict[str, set[str]] = {name: set() for name in paths}
+    ranking: list[tuple[str, str, float]] | None = None
+    while True:
+        counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude)
+        e2e = _end_to_end(bundle, held_out, reference)
+        if opts.min_cosine is None or e2e["cosine"] >= opts.min_cosine:
+            break
+        ranking = ranking or sensitivity_ranking(fp32, scales, first)
+        _exclude_more(excluded, ranking, opts.min_cosine, e2e["cosine"])
+    entry = {**meta, "scales": SCALES_FILE, "end_to_end": e2e,
+             "gate": {"min_cosine": opts.min_cosine,
+                      "excluded": sorted(f"{w}:{n}" for w, names in excluded.items() for n in names)}}
+    return entry, counts
+
+
+def collected_scales(runner: Any, fp32: Mapping[str, onnx.ModelProto], paths: Mapping[str, Path],
+                     samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
+                     progress: Any) -> tuple[Scales, dict[str, Any]]:
+    """Activation amax from `samples` through the chained fp32 engines; weight amax per channel."""
+    collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), opts.method,
+                                      opts.percentile, p.parent) for name, p in paths.items()}
+    _run_samples(runner, collectors, list(samples), progress)
+    scales = {name: (fp8_scales(c.result()), fp8_scales(weight_amax(fp32[name])))
+              for name, c in collectors.items()}
+    meta = {"method": opts.method, "samples": len(samples),
+            "calls": {name: c.samples for name, c in collectors.items()}}
+    return scales, meta | ({"percentile": opts.percentile} if opts.method == "percentile" else {})
+
+
+def reused_scales(old: Path, manifest: Mapping[str, Any]) -> tuple[Scales, dict[str, Any]]:
+    """Scales of an earlier bundle; refused unless its weights fingerprint and walks match."""
+    theirs = read_manifest(Path(old))
+    mine, their_fp = manifest["weights"]["fingerprint"], theirs["weights"]["fingerprint"]
+    if their_fp != mine:
+        raise WalkforgeError(f"--reuse-calibration {old}: its weights fingerprint {their_fp[:19]}… "
+                             f"differs from this compile's {mine[:19]}…")
+    calibration = (theirs.get("precision") or {}).get("calibration")
+    if not calibration or calibration.get("scales") != SCALES_FILE:
+        raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8 calibration")
+    scales, meta = load_scales(Path(old) / SCALES_FILE)
+    if set(scales) != set(manifest["walks"]):
+        raise WalkforgeError(f"--reuse-calibration {old}: walks {sorted(scales)} differ from "
+                             f"{sorted(manifest['walks'])}")
+    return scales, {**meta, "reused_from": str(old)}
+
+
+def save_scales(path: Path, scales: Scales, meta: Mapping[str, Any]) -> None:
+    """All walks' scales (float32) in one safetensors file; metadata values are JSON."""
+    tensors = {}
+    for walk, (act, weights) in scales.items():
+        tensors |= {f"{walk}/act/{k}": np.asarray(v, np.float32).reshape(()) for k, v in act.items()}
+        tensors |= {f"{walk}/weight/{k}": np.ascontiguousarray(v, np.float32).ravel()
+                    for k, v in weights.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def load_scales(path: Path) -> tuple[Scales, dict[str, Any]]:
+    """Read what `save_scales` wrote."""
+    scales: Scales = {}
+    with safe_open(str(path), framework="numpy") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            walk, kind, name = key.split("/", 2)
+            act, weights = scales.setdefault(walk, ({}, {}))
+            if kind == "act":
+                act[name] = float(f.get_tensor(key))
+            else:
+                weights[name] = f.get_tensor(key)
+    return scales, meta
+
+
+def sensitivity_ranking(fp32: Mapping[str, onnx.ModelProto], scales: Scales,
+                        first: Mapping[str, Mapping[str, np.ndarray]]) -> list[tuple[str, str, float]]:
+    """(walk, node, cosine when only that node is FP8), most sensitive first, over all walks."""
+    ranking = []
+    for walk, model in fp32.items():
+        feeds = {i.name: first[walk][i.name] for i in model.graph.input}
+        names = [o.name for o in model.graph.output]
+        want = dict(zip(names, _session(model).run(names, feeds), strict=True))
+        act, weights = scales[walk]
+        ranking += [(walk, node, cos) for node, cos in
+                    per_layer_sensitivity(model, act, weights, [feeds], [want])]
+    return sorted(ranking, key=lambda item: item[2])
+
+
+def _exclude_more(excluded: dict[str, set[str]], ranking: list[tuple[str, str, float]],
+                  gate: float, now: float) -> None:
+    """Exclude the next most sensitive nodes: as many as are excluded already (at least one)."""
+    left = [(w, n) for w, n, _ in ranking if n not in excluded[w]]
+    if not left:
+        raise WalkforgeError(f"FP8 gate {gate} not reached (end-to-end cosine {now:.6f}) even with every "
+                             "quantisable node excluded")
+    for walk, node in left[: max(1, sum(map(len, excluded.values())))]:
+        excluded[walk].add(node)
+
+
+def _quantize_all(bundle: Bundle, fp32: Mapping[str, onnx.ModelProto], scales: Scales,
+                  excluded: Mapping[str, set[str]], user: tuple[str, ...]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for name, source in fp32.items():
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        act, weights = scales[name]
+        model, counts = quantize_fp8(model, act, weights, exclude=set(user) | excluded[name])
+        save_model(model, bundle.path(bundle.manifest["walks"][name]["onnx"]))
+        bundle.manifest["walks"][name]["ops"] = op_counts(model)
+        for key, n in counts.items():
+            totals[key] = totals.get(key, 0) + n
+    return totals
+
+
+def _end_to_end(bundle: Bundle, held_out: list[dict[str, np.ndarray]],
+                reference: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    from walkforge.runtimes.front import load
+
+    runner = load(bundle, "cpu", spinning=False)
+    results = [agreement(got[k], want[k]) for sample, want in zip(held_out, reference, strict=True)
+               for got in [runner.run(dict(sample))] for k in want]
+    return worst(results).to_json()
+
+
+def _numpy(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    from walkforge.runtimes.runner import to_numpy_any
+
+    return {k: to_numpy_any(v).copy() for k, v in inputs.items()}
