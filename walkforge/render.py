@@ -23,7 +23,22 @@ def show_manifest(console: Console, m: dict[str, Any]) -> None:
     console.print(f"[bold]{m['recipe']}[/bold] variant={m.get('variant')}  format v{m['format_version']}  "
               f"walkforge {m['walkforge_version']}  created {m.get('created')}")
     console.print(f"weights: {w['fingerprint']}  ({w['parameters']:,} parameters, source {w['source']})")
-    console.print(escape(f"precision: {json.dumps(m['precision'])}"))
+    p = m["precision"]
+    console.print(f"precision: weights {p['weights']}, activations {p['activations']}, KV {p['kv']}")
+    if calib := p.get("calibration"):
+        e2e = calib["end_to_end"]
+        source = f"reused from {calib['reused_from']}" if "reused_from" in calib else \
+            f"{calib['method']}, {calib['samples']} samples"
+        console.print(escape(f"  calibration: {source}; fp8 vs fp32 end-to-end cosine {e2e['cosine']:.6f}; "
+                             f"kept in fp32: {', '.join(calib['gate']['excluded']) or 'defaults only'}"))
+    if "fp8" in p["weights"] or "fp8" in p["kv"]:
+        console.print("  [yellow]note:[/yellow] on the cpu target FP8 is accuracy emulation "
+                      "(dequantised, computed in fp32): smaller weights, not faster. TensorRT on "
+                      "Hopper/Ada runs it natively.")
+    if kernels := m.get("kernels"):
+        archs = sorted({k["arch"] for k in kernels})
+        console.print(f"AOT kernels: {len(kernels)} for {', '.join(archs)} (Triton "
+                      f"{kernels[0]['triton_version']}, PTX ISA {', '.join(sorted({k['ptx_isa'] for k in kernels}))})")
     console.print(escape(f"plan: {json.dumps(m['plan'])}"))
     table = Table("walk", "inputs", "outputs", "nodes", "size")
     for name, walk in m["walks"].items():

@@ -222,3 +222,19 @@ def test_compiled_vae_bundle_is_tensorrt_ready(tiny_bundle: Path):
     by_walk = lint_bundle(bundle.root, bundle.manifest)
     assert set(by_walk) == {"decode"}
     assert errors(by_walk["decode"]) == [], format_findings(by_walk)
+
+
+def test_lint_reads_zero_points_stored_as_external_data(tmp_path):
+    """FP8 bundles keep large per-channel zero points in <walk>.onnx.data: lint must find them."""
+    w = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [2048], np.zeros(2048, np.float32).tolist())
+    zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [2048], np.ones(2048, np.float32).tolist())
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [2048], np.ones(2048, np.float32).tolist())
+    node = helper.make_node("DequantizeLinear", ["w", "s", "zp"], ["y"], axis=0)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2048])],
+                              [w, zp, scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, size_threshold=1024,
+              location="m.onnx.data")
+    bare = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    found = lint(bare, "walk", tmp_path)
+    assert any("nonzero" in f.message for f in found)  # the external zero point was read

@@ -77,9 +77,10 @@ def summary(by_walk: Mapping[str, list[Finding]]) -> dict[str, Any]:
     return {"table": f"TensorRT {trt_ops.TABLE_VERSION}", "opsets": list(trt_ops.OPSET_RANGE), "walks": walks}
 
 
-def lint(model: onnx.ModelProto, walk: str) -> list[Finding]:
-    """Every finding for one walk's ONNX model (weights need not be loaded)."""
-    graph = _Graph(model.graph)
+def lint(model: onnx.ModelProto, walk: str, base_dir: Path | str | None = None) -> list[Finding]:
+    """Every finding for one walk's ONNX model. Weights need not be loaded: the few constants
+    the checks read (zero points) come from external data under `base_dir` when stored there."""
+    graph = _Graph(model.graph, base_dir)
     found = _check_opset(model, walk)
     found += _check_io_types(model.graph, walk)
     found += _check_functions(model, walk)
@@ -93,7 +94,8 @@ def lint(model: onnx.ModelProto, walk: str) -> list[Finding]:
 
 def lint_bundle(root: Path | str, manifest: Mapping[str, Any]) -> dict[str, list[Finding]]:
     """Lint every walk of a bundle (its ONNX files under `root`), by walk name."""
-    return {name: lint(onnx.load(str(Path(root) / walk["onnx"]), load_external_data=False), name)
+    return {name: lint(onnx.load(str(Path(root) / walk["onnx"]), load_external_data=False), name,
+                       (Path(root) / walk["onnx"]).parent)
             for name, walk in manifest["walks"].items()}  # fmt: skip
 
 
@@ -112,7 +114,8 @@ def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 class _Graph:
     """Constant values and consumers of the top-level graph, for Q/DQ checks."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path | str | None = None) -> None:
+        self.base_dir = str(base_dir) if base_dir is not None else ""
         self.constants: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -271,7 +274,7 @@ def _zero_point(node: onnx.NodeProto, graph: _Graph) -> list[tuple[str, str]]:
         kind = TensorProto.DataType.Name(tensor.data_type)
         found.append((WARNING, f"quantized type {kind}; walkforge's precision is FLOAT8E4M3FN"))
     try:
-        values = numpy_helper.to_array(tensor).astype(np.float32)
+        values = numpy_helper.to_array(tensor, graph.base_dir).astype(np.float32)
     except (ValueError, TypeError):  # a type numpy_helper cannot convert: reported above
         return found
     if np.any(values != 0):

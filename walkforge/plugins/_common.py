@@ -28,24 +28,56 @@ def register_onnx_schema(
 ) -> defs.OpSchema:
     """Register `walkforge::<name>` v1 with onnx (idempotent); inputs/outputs are (name, type var).
 
-    Type vars: "T" = tensor(float), "I" = tensor(int64), "M" = tensor(bool).
+    Type vars: "T" = tensor(float), "I" = tensor(int64), "M" = tensor(bool), "P" = a page pool
+    (float, float8e4m3fn, or uint8 holding float8e4m3fn bytes). A trailing "?" marks an optional input.
     """
     if defs.has(name, DOMAIN):
         return defs.get_schema(name, DOMAIN_VERSION, DOMAIN)
-    types = {"T": ["tensor(float)"], "I": ["tensor(int64)"], "M": ["tensor(bool)"]}
-    used = sorted({t for _, t in inputs + outputs})
+    types = {"T": ["tensor(float)"], "I": ["tensor(int64)"], "M": ["tensor(bool)"],
+             "P": ["tensor(float)", "tensor(float8e4m3fn)", "tensor(uint8)"]}
+    used = sorted({t.rstrip("?") for _, t in inputs + outputs})
+    optional = defs.OpSchema.FormalParameterOption.Optional
     schema = defs.OpSchema(
         name,
         DOMAIN,
         DOMAIN_VERSION,
         doc=doc,
-        inputs=[defs.OpSchema.FormalParameter(n, t) for n, t in inputs],
+        inputs=[defs.OpSchema.FormalParameter(n, t.rstrip("?"), param_option=optional)
+                if t.endswith("?") else defs.OpSchema.FormalParameter(n, t) for n, t in inputs],
         outputs=[defs.OpSchema.FormalParameter(n, t) for n, t in outputs],
         type_constraints=[(t, types[t], "") for t in used],
         attributes=[defs.OpSchema.Attribute(a, _ATTR_TYPES[t], "") for a, t in attributes.items()],
     )
     defs.register_schema(schema)
     return schema
+
+
+def is_fp8(pool: torch.Tensor) -> bool:
+    return pool.dtype == torch.float8_e4m3fn
+
+
+def pool_scales(pool: torch.Tensor, kv_scales: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(K scales, V scales) of an fp8 pool as [L, 1, 1, 1, 1] float32; (None, None) for a float32 pool
+    (its scales are ignored). An fp8 pool needs `kv_scales` [L, 2]."""
+    if pool.dtype == torch.float32:
+        return None, None
+    if not is_fp8(pool):
+        raise ValueError(f"KV pool must be float32 or float8_e4m3fn, got {pool.dtype}")
+    if kv_scales is None or tuple(kv_scales.shape) != (pool.shape[0], 2):
+        got = None if kv_scales is None else list(kv_scales.shape)
+        raise ValueError(f"an fp8 KV pool needs kv_scales [{pool.shape[0]}, 2], got {got}")
+    scales = kv_scales.float().reshape(-1, 2, 1, 1, 1, 1)
+    return scales[:, 0], scales[:, 1]
+
+
+def fp8_decode_table() -> list[float]:
+    """Value of every float8_e4m3fn byte 0..255 (0x7F and 0xFF are NaN): the fp8 bodies' decoder."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return codes.view(torch.float8_e4m3fn).float().tolist()
+
+
+FP8_DECODE = fp8_decode_table()
 
 
 def function_proto(body: onnxscript.OnnxFunction, opset: int) -> onnx.FunctionProto:

@@ -1,7 +1,8 @@
 """Constants shared by the plugin references, ONNX bodies and Triton kernels.
 
-Pool layout (DESIGN.md, "KV cache"): float32 `[layers, 2, num_pages, page_size, kv_heads, head_dim]`,
-index 0 of dim 1 is K, index 1 is V.
+Pool layout (DESIGN.md, "KV cache"): float32 or float8_e4m3fn `[layers, 2, num_pages, page_size,
+kv_heads, head_dim]`, index 0 of dim 1 is K, index 1 is V. An fp8 pool has per-layer scales
+`kv_scales` float32 `[layers, 2]` (K, V): stored = E4M3(x / scale), read = stored * scale.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ POOL_K, POOL_V = 0, 1
 MAX_HEAD_DIM = 256
 """Largest head_dim the Triton kernels are built for (a constexpr, padded to a power of two)."""
 MAX_PAGE_SIZE = 256
+
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn: fp8 pool writes saturate to +-FP8_MAX."""
+FP8_POOL_DTYPE = "float8_e4m3fn"
+"""TensorSpec dtype of an fp8 pool (numpy: ml_dtypes.float8_e4m3fn; torch: torch.float8_e4m3fn)."""
 
 MASK_FILL = -2.3819763e38
 """Finite logit fill for masked keys (a fully masked row becomes uniform, never NaN)."""

@@ -1,11 +1,17 @@
 """`walkforge::kv_cache_write` (ONNX `walkforge.KVCacheWrite`): scatter new K/V into the page pool.
 
 Shapes:
-    pool         float32 [L, 2, NP, PS, KVH, D]   (dim 1: 0 = K, 1 = V)
+    pool         float32 or float8_e4m3fn [L, 2, NP, PS, KVH, D]   (dim 1: 0 = K, 1 = V)
     k, v         float32 [L, B, KVH, S, D]
     block_table  int64   [B, MP]     logical page -> physical page (negative entries read as 0)
     positions    int64   [B, S]      logical position of token s of request b; -1 = skip
-    -> pool'     float32 [L, 2, NP, PS, KVH, D]
+    kv_scales    float32 [L, 2]      optional; per-layer K and V scale of an fp8 pool
+    -> pool'     the pool's dtype [L, 2, NP, PS, KVH, D]
+
+An fp8 pool stores saturate(k / kv_scales[l, 0]) (and v / kv_scales[l, 1]) rounded to E4M3
+(nearest even); a float32 pool stores k and v as they are and ignores kv_scales. In ONNX an fp8
+pool travels as its raw bytes (UINT8, see `walkforge.plugins.fp8_kv_pool`): onnxruntime's Gather
+and ScatterND do not take float8 tensors.
 
 Token (b, s) at logical position p >= 0 lands in page block_table[b, p // PS], slot p % PS, for
 every layer. Skipped tokens write nothing. Two valid tokens must not target the same slot.
@@ -17,22 +23,33 @@ binds one buffer as both the pool input and the pool output.
 
 from __future__ import annotations
 
+import onnx
 import torch
 import triton
 import triton.language as tl
 from onnxscript import opset18 as op
+from onnxscript import opset19 as op19
 from onnxscript import script
 
-from walkforge.plugins._common import WALKFORGE_OPSET, check_triton_device, register_onnx_schema
-from walkforge.plugins.constants import MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
+from walkforge.plugins._common import (
+    WALKFORGE_OPSET,
+    check_triton_device,
+    is_fp8,
+    pool_scales,
+    register_onnx_schema,
+)
+from walkforge.plugins.constants import FP8_MAX, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
 
 ONNX_NAME = "KVCacheWrite"
+INV_LN2 = 1.4426950408889634
+FLOAT, FLOAT8E4M3FN, UINT8 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8
 ATTRIBUTES: dict[str, type] = {"plugin_namespace": str, "aot": int}
 
 SCHEMA = register_onnx_schema(
     ONNX_NAME,
-    inputs=[("pool", "T"), ("k", "T"), ("v", "T"), ("block_table", "I"), ("positions", "I")],
-    outputs=[("pool_out", "T")],
+    inputs=[("pool", "P"), ("k", "T"), ("v", "T"), ("block_table", "I"), ("positions", "I"),
+            ("kv_scales", "T?")],
+    outputs=[("pool_out", "P")],
     attributes=ATTRIBUTES,
     doc=__doc__,
 )
@@ -54,33 +71,49 @@ def kv_cache_write(
     v: torch.Tensor,
     block_table: torch.Tensor,
     positions: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager reference: a copy of `pool` with k/v written at their pages (see module doc)."""
+    k_scale, v_scale = pool_scales(pool, kv_scales)  # [L, 1, 1, 1, 1] each, or None
+    if k_scale is not None:
+        k, v = _quantize(k, k_scale), _quantize(v, v_scale)
     out = pool.clone()
     b, s, page, slot = _slots(pool, block_table, positions)
-    out[:, POOL_K, page, slot] = k.transpose(2, 3)[:, b, s]  # [L, N, KVH, D]
-    out[:, POOL_V, page, slot] = v.transpose(2, 3)[:, b, s]
+    bytes_ = out.view(torch.uint8) if is_fp8(pool) else out  # CPU torch has no float8 index_put
+    bytes_[:, POOL_K, page, slot] = _raw(k.transpose(2, 3)[:, b, s], pool)  # [L, N, KVH, D]
+    bytes_[:, POOL_V, page, slot] = _raw(v.transpose(2, 3)[:, b, s], pool)
     return out
 
 
+def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 of x / scale, saturated to +-FP8_MAX, rounded to nearest even."""
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _raw(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.uint8) if is_fp8(pool) else x
+
+
 @kv_cache_write.register_fake
-def _(pool, k, v, block_table, positions):
+def _(pool, k, v, block_table, positions, kv_scales=None):
     return torch.empty_like(pool)
 
 
 # ---------------------------------------------------------------- ONNX
 
 
-def translate(pool, k, v, block_table, positions):
+def translate(pool, k, v, block_table, positions, kv_scales=None):
     """custom_translation_table entry: one bare `walkforge.KVCacheWrite` node."""
+    scales = () if kv_scales is None else (kv_scales,)
     return WALKFORGE_OPSET.KVCacheWrite(
-        pool, k, v, block_table, positions, plugin_namespace=PLUGIN_NAMESPACE, aot=1
+        pool, k, v, block_table, positions, *scales, plugin_namespace=PLUGIN_NAMESPACE, aot=1
     )
 
 
 @script(WALKFORGE_OPSET, default_opset=op)
-def KVCacheWrite(pool, k, v, block_table, positions):  # noqa: N802 (ONNX op name)
-    """Function body: valid tokens only (NonZero + Gather), then one ScatterND into the pool.
+def KVCacheWrite(pool, k, v, block_table, positions, kv_scales):  # noqa: N802 (ONNX op name)
+    """Function body (float32 pool; kv_scales unused): valid tokens only (NonZero + Gather), then
+    one ScatterND into the pool.
 
     Skipped tokens are dropped rather than redirected: redirecting them to any slot (scratch or
     "re-write the old value") can collide with a valid token in the same ScatterND, whose order
@@ -109,22 +142,76 @@ def KVCacheWrite(pool, k, v, block_table, positions):  # noqa: N802 (ONNX op nam
     return op.ScatterND(pool, indices, updates)
 
 
+@script(WALKFORGE_OPSET, default_opset=op19)
+def KVCacheWriteFP8(pool, k, v, block_table, positions, kv_scales):  # noqa: N802
+    """Function body for an fp8 pool carried as UINT8 bytes: the float32 body's indices, the
+    updates quantised (x / scale, saturating Cast to FLOAT8E4M3FN, nearest even) and encoded to
+    their E4M3 bytes arithmetically (ONNX has no bitcast): with r the fp8 value, a = |r|,
+    e = max(floor(log2 a), -6), byte = 8e + 48 + 8 a 2^-e (+128 if negative); e = -6 also
+    covers the subnormals (512 a). log2 is corrected by one step where Log rounds across 2^e.
+    """
+    page_size = op19.Shape(pool, start=3, end=4)
+    valid = op19.Reshape(op19.GreaterOrEqual(positions, op19.Constant(value_int=0)), [-1])
+    keep = op19.Reshape(op19.NonZero(valid), [-1])
+    pos = op19.Max(positions, op19.Constant(value_int=0))
+    page = op19.GatherElements(op19.Max(block_table, op19.Constant(value_int=0)), op19.Div(pos, page_size),
+                               axis=1)  # fmt: skip
+    slot = op19.Mod(pos, page_size)
+    page_slot = op19.Concat(op19.Unsqueeze(page, [-1]), op19.Unsqueeze(slot, [-1]), axis=-1)
+    page_slot = op19.Gather(op19.Reshape(page_slot, [-1, 2]), keep, axis=0)  # [N, 2]
+
+    kv = op19.Concat(op19.Unsqueeze(k, [1]), op19.Unsqueeze(v, [1]), axis=1)  # [L, 2, B, KVH, S, D]
+    kv = op19.Transpose(kv, perm=[0, 1, 2, 4, 3, 5])
+    kv = op19.Reshape(kv, op19.Concat([0, 0, -1], op19.Shape(pool, start=4), axis=0))
+    x = op19.Div(op19.Gather(kv, keep, axis=2), op19.Reshape(kv_scales, [0, 2, 1, 1, 1]))  # [L, 2, N, KVH, D]
+    r = op19.Cast(op19.Cast(x, to=FLOAT8E4M3FN, saturate=1), to=FLOAT)  # the fp8 value, exact in float
+    a = op19.Abs(r)
+    e = op19.Floor(op19.Mul(op19.Log(a), op19.Constant(value_float=INV_LN2)))
+    two = op19.Constant(value_float=2.0)
+    p = op19.Pow(two, e)
+    e = op19.Add(op19.Sub(e, op19.Cast(op19.Greater(p, a), to=FLOAT)),
+                 op19.Cast(op19.LessOrEqual(op19.Mul(p, two), a), to=FLOAT))  # fmt: skip
+    e = op19.Max(e, op19.Constant(value_float=-6.0))
+    eight = op19.Constant(value_float=8.0)
+    mag = op19.Add(op19.Mul(eight, op19.Add(e, op19.Constant(value_float=6.0))),
+                   op19.Mul(eight, op19.Mul(a, op19.Pow(two, op19.Neg(e)))))  # fmt: skip
+    sign = op19.Mul(op19.Cast(op19.Less(x, op19.Constant(value_float=0.0)), to=FLOAT),
+                    op19.Constant(value_float=128.0))  # fmt: skip
+    updates = op19.Cast(op19.Add(mag, sign), to=UINT8)
+
+    n_layers = op19.Shape(pool, start=0, end=1)
+    grid = op19.Concat(n_layers, [2], op19.Shape(keep), [1], axis=0)
+    layer_idx = op19.Expand(op19.Reshape(op19.Range(0, op19.Squeeze(n_layers), 1), [-1, 1, 1, 1]), grid)
+    kv_idx = op19.Expand(op19.Reshape(op19.Constant(value_ints=[0, 1]), [1, 2, 1, 1]), grid)
+    page_slot = op19.Expand(op19.Unsqueeze(page_slot, [0, 1]), op19.Concat(n_layers, [2, 1, 2], axis=0))
+    indices = op19.Concat(layer_idx, kv_idx, page_slot, axis=-1)
+    return op19.ScatterND(pool, indices, updates)
+
+
 TORCH_OP = torch.ops.walkforge.kv_cache_write.default
 FUNCTION = KVCacheWrite
 """The onnxscript body; `_common.function_proto(FUNCTION, opset)` gives the FunctionProto."""
+FUNCTION_FP8 = KVCacheWriteFP8
+"""The body for an fp8 pool (UINT8 bytes); needs opset >= 19."""
 
 
 # ---------------------------------------------------------------- Triton
 
 
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
+
 @triton.jit
 def kv_cache_write_kernel(
-    pool_ptr, k_ptr, v_ptr, block_table_ptr, positions_ptr,
+    pool_ptr, k_ptr, v_ptr, block_table_ptr, positions_ptr, kv_scales_ptr,
     num_layers, batch, seq_len, num_pages, max_pages,
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid (S, B): program (s, b) copies token s of request b into its slot, every layer."""
+    """Grid (S, B): program (s, b) copies token s of request b into its slot, every layer.
+
+    An fp8 pool (`*fp8e4nv`) stores saturate(x / scale) converted to E4M3; a float32 pool stores
+    x and never reads kv_scales_ptr."""
     s = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     pos = tl.load(positions_ptr + b * seq_len + s)
@@ -138,8 +225,13 @@ def kv_cache_write_kernel(
             dst_k = (((layer * 2 + 0) * num_pages + page) * PAGE_SIZE + pos % PAGE_SIZE) * KV_HEADS + h
             dst_k = dst_k * HEAD_DIM + d
             dst_v = dst_k + num_pages * PAGE_SIZE * KV_HEADS * HEAD_DIM
-            tl.store(pool_ptr + dst_k, tl.load(k_ptr + src, mask=mask), mask=mask)
-            tl.store(pool_ptr + dst_v, tl.load(v_ptr + src, mask=mask), mask=mask)
+            k = tl.load(k_ptr + src, mask=mask)
+            v = tl.load(v_ptr + src, mask=mask)
+            if pool_ptr.dtype.element_ty == tl.float8e4nv:
+                k = tl.clamp(k / tl.load(kv_scales_ptr + layer * 2), -_FP8_MAX, _FP8_MAX)
+                v = tl.clamp(v / tl.load(kv_scales_ptr + layer * 2 + 1), -_FP8_MAX, _FP8_MAX)
+            tl.store(pool_ptr + dst_k, k.to(pool_ptr.dtype.element_ty), mask=mask)
+            tl.store(pool_ptr + dst_v, v.to(pool_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_config(kv_heads: int, head_dim: int, page_size: int) -> dict[str, int]:
@@ -164,11 +256,15 @@ def kv_cache_write_triton(
     v: torch.Tensor,
     block_table: torch.Tensor,
     positions: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton kv write, IN PLACE into `pool` (contiguous); returns `pool`. Shapes as the module doc."""
     n_layers, _, num_pages, page_size, kv_heads, head_dim = pool.shape
     batch, seq_len = positions.shape
-    tensors = [t.contiguous() for t in (k, v, block_table, positions)]
+    pool_scales(pool, kv_scales)  # dtype and scales shape checks
+    if kv_scales is None:
+        kv_scales = torch.ones(n_layers, 2, device=pool.device)
+    tensors = [t.contiguous() for t in (k, v, block_table, positions, kv_scales.float())]
     check_triton_device(pool.device)
     kv_cache_write_kernel[(seq_len, batch, 1)](
         pool, *tensors, n_layers, batch, seq_len, num_pages, block_table.shape[1],
