@@ -36,9 +36,10 @@ def show_manifest(console: Console, m: dict[str, Any]) -> None:
                       "(dequantised, computed in fp32): smaller weights, not faster. TensorRT on "
                       "Hopper/Ada runs it natively.")
     if kernels := m.get("kernels"):
-        archs = sorted({k["arch"] for k in kernels})
-        console.print(f"AOT kernels: {len(kernels)} for {', '.join(archs)} (Triton "
-                      f"{kernels[0]['triton_version']}, PTX ISA {', '.join(sorted({k['ptx_isa'] for k in kernels}))})")
+        archs = ", ".join(sorted({k["arch"] for k in kernels}))
+        isas = ", ".join(sorted({k["ptx_isa"] for k in kernels}))
+        console.print(f"AOT kernels: {len(kernels)} for {archs} (Triton {kernels[0]['triton_version']}, "
+                      f"PTX ISA {isas})")
     console.print(escape(f"plan: {json.dumps(m['plan'])}"))
     table = Table("walk", "inputs", "outputs", "nodes", "size")
     for name, walk in m["walks"].items():

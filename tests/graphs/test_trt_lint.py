@@ -230,8 +230,8 @@ def test_lint_reads_zero_points_stored_as_external_data(tmp_path):
     zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [2048], np.ones(2048, np.float32).tolist())
     scale = helper.make_tensor("s", TensorProto.FLOAT, [2048], np.ones(2048, np.float32).tolist())
     node = helper.make_node("DequantizeLinear", ["w", "s", "zp"], ["y"], axis=0)
-    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2048])],
-                              [w, zp, scale])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2048])
+    graph = helper.make_graph([node], "g", [], [out], [w, zp, scale])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, size_threshold=1024,
               location="m.onnx.data")
