@@ -20,7 +20,7 @@ BATCH_TOL = 1e-5  # a request in a batch vs the same request alone
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Bundle:
     out = tmp_path_factory.mktemp("pi0") / "tiny"
-    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=3))
+    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=3, gpu_archs=()))
     return Bundle.open(out)
 
 
