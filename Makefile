@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(PYTHON) -m walkforge.cli bench build/vae-sd --dim height=32 --dim width=32 --report reports
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small -o build/pi0-small --force
 	$(PYTHON) -m walkforge.cli bench build/pi0-small --report reports
+	$(PYTHON) -m walkforge.cli compile pi0 --variant small --precision fp8 -o build/pi0-small-fp8 --force
+	$(PYTHON) -m walkforge.cli verify build/pi0-small-fp8 --report reports
 
 ## Recipe regression vs tests/goldens (CI). `make goldens` rewrites them after an intended change.
 regress: $(STAMP)

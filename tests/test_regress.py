@@ -157,3 +157,15 @@ def test_bench_report_writes_markdown_and_plots(tmp_path: Path) -> None:
     written = add_bench_report(bench_report("build/pi0-small", 1.0), again)
     assert {p.name for p in written} == {"bench.md", "bench-pi0-small.png", "bench-vae-sd.png"}
     assert "## vae-sd" in (again / "bench.md").read_text() and "FP8" not in (again / "bench.md").read_text()
+
+
+def test_verify_report_adds_fp8_accuracy_section(tmp_path: Path) -> None:
+    from walkforge.report import add_verify_report
+
+    result = {"backend": "cpu", "batch": 2, "seed": 1,
+              "walks": {"vision": {"cosine": 0.9999, "rel": 0.01, "max_abs": 0.02}},
+              "end_to_end": {"actions": {"cosine": 0.9995, "rel": 0.02, "max_abs": 0.05}}}
+    written = add_verify_report(result, Path("build/pi0-small-fp8"), tmp_path)
+    md = (tmp_path / "bench.md").read_text()
+    assert "| pi0-small-fp8 | vision | 0.9999000 |" in md and "fp8-accuracy.png" in md
+    assert (tmp_path / "fp8-accuracy.png").stat().st_size > 1000 and len(written) == 2

@@ -197,12 +197,19 @@ def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, bac
 @click.option("--batch", default=2, show_default=True, help="Batch of the held-out inputs.")
 @click.option("--seed", default=1234, show_default=True, help="Seed of the held-out inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool) -> None:
+@click.option("--report", "report_dir", type=click.Path(path_type=Path),
+              help="Also add this result to DIR/bench.md's FP8 accuracy section and plot.")
+def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
+               report_dir: Path | None) -> None:
     """Compare BUNDLE's engines with the fp32 torch reference, per walk and end to end."""
     from walkforge.artifacts.bundle import Bundle
     from walkforge.runtimes.verify import verify
 
     result = verify(Bundle.open(bundle), backend, batch, seed)
+    if report_dir is not None:
+        from walkforge.report import add_verify_report
+
+        add_verify_report(result, bundle, report_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

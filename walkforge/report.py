@@ -29,8 +29,23 @@ def add_bench_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench-{label(report)}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return _rewrite(out)
+
+
+def add_verify_report(result: dict[str, Any], bundle: Path, out_dir: Path) -> list[Path]:
+    """Save an fp8 bundle's `verify()` result as `out_dir/verify-<bundle>.json` and rewrite the
+    report, whose FP8 accuracy section and plot cover every saved one."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"verify-{Path(bundle).name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return _rewrite(out)
+
+
+def _rewrite(out: Path) -> list[Path]:
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("bench-*.json"))]
-    return write_bench_report(reports, out)
+    fp8 = {p.stem.removeprefix("verify-"): json.loads(p.read_text())
+           for p in sorted(out.glob("verify-*.json"))}
+    return write_bench_report(reports, out, fp8 or None)
 
 
 def write_bench_report(reports: Sequence[dict[str, Any]], out_dir: Path,
