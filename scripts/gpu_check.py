@@ -329,14 +329,18 @@ def aot_values(kernel: str, x: Mapping[str, Any], device: str = "cuda"
 
     if kernel == "kv_cache_write_kernel":
         pool, k, v, block_table, positions = kv_args(x, device)
+        ones = torch.ones(pool.shape[0], 2, device=device)  # kv_scales: a float32 pool ignores them
         values = {"pool": pool, "k": k, "v": v, "block_table": block_table, "positions": positions,
-                  "num_layers": pool.shape[0], "batch": positions.shape[0], "seq_len": positions.shape[1],
-                  "num_pages": pool.shape[2], "max_pages": block_table.shape[1]}  # fmt: skip
+                  "kv_scales": ones, "num_layers": pool.shape[0], "batch": positions.shape[0],
+                  "seq_len": positions.shape[1], "num_pages": pool.shape[2],
+                  "max_pages": block_table.shape[1]}  # fmt: skip
         return values, {"k": k.shape}, pool
     q, k, v, pool, block_table, prefix_lens, mask, layer, _ = attention_args(x, device)
     out = torch.empty_like(q)
     values = {"out": out, "q": q, "k": k, "v": v, "pool": pool, "block_table": block_table,
-              "prefix_lens": prefix_lens, "mask": mask, "seq_len": q.shape[2], "num_pages": pool.shape[2],
+              "prefix_lens": prefix_lens, "mask": mask,
+              "kv_scales": torch.ones(pool.shape[0], 2, device=device),
+              "seq_len": q.shape[2], "num_pages": pool.shape[2],
               "max_pages": block_table.shape[1], "layer": layer}  # fmt: skip
     return values, {"q": q.shape}, out
 
@@ -444,7 +448,8 @@ def run_pi0_chain(chain: Any, cfg: Any, feeds: Mapping[str, np.ndarray], pool: A
         pool.allocate(request, int(n))
     try:
         env = {k: feeds[k] for k in ("images", "image_masks", "prompt_ids", "prompt_mask", "state")}
-        env.update(x_t=feeds["noise"], kv_pool=pool.buffer, block_table=pool.block_table(requests))
+        env.update(x_t=feeds["noise"], kv_pool=pool.buffer, block_table=pool.block_table(requests),
+                   kv_scales=np.ones((pool.spec.layers, 2), np.float32))  # a float32 pool ignores them
         return chain.run(env, {"num_steps": cfg.num_steps})["x_t"]
     finally:
         for request in requests:

@@ -74,6 +74,10 @@ def cli(verbose: bool) -> None:
                    "are kept in fp32 until it does (they are reported).")
 @click.option("--fp8-exclude", default="", help="fp8: comma-separated node names or torch module paths "
               "to keep in fp32 (besides the defaults: embeddings, first conv, last projection).")
+@click.option("--kv-dtype", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
+              help="KV page pool dtype. fp8: E4M3 pages (1 byte per value) with per-layer K/V scales "
+                   "calibrated on the fp32 engines (uses --calib-samples/--calib-data); works with "
+                   "either --precision.")
 @click.option("--gpu-archs", default=",".join(DEFAULT_ARCHS), show_default=True,
               help="GPU architectures to AOT-compile the plugin kernels for (comma-separated; "
                    "empty for none). Needs no GPU.")
@@ -81,7 +85,7 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
                 seed: int, out: Path, force: bool, precision: str, calib_samples: int,
                 calib_data: Path | None, calib_method: str, calib_percentile: float,
                 reuse_calibration: Path | None, fp8_min_cosine: float | None, fp8_exclude: str,
-                gpu_archs: str) -> None:
+                kv_dtype: str, gpu_archs: str) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
     from walkforge.compiler.pipeline import CompileRequest, compile_bundle
     from walkforge.compiler.progress import Progress
@@ -89,7 +93,8 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
     archs = tuple(a for a in gpu_archs.split(",") if a)
     req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force, precision,
                          calib_samples, calib_data, calib_method, calib_percentile, reuse_calibration,
-                         fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs)
+                         fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs,
+                         kv_dtype=kv_dtype)
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")

@@ -165,14 +165,14 @@ def test_kernel_signatures_follow_trt_aot_order_and_wrong_orders_are_refused():
     from walkforge.plugins.trt_plugins import check_abi
 
     record = {"kernel": "paged_attention_kernel", "arch": "sm_90", "signature": aot.PAGED_ATTENTION_SIGNATURE}
-    check_abi(record, 7, 1)  # inputs, int32 scalars, then the output
+    check_abi(record, 8, 1)  # inputs, int32 scalars, then the output
     rest = {k: v for k, v in aot.PAGED_ATTENTION_SIGNATURE.items() if k != "out_ptr"}
     out_first = {"out_ptr": "*fp32"} | rest
     with pytest.raises(WalkforgeError, match="TensorRT's AOT calling convention.*out_ptr:\\*fp32, q_ptr"):
-        check_abi({**record, "signature": out_first}, 7, 1)
-    check_abi({"kernel": "kv_cache_write_kernel", "signature": aot.KV_CACHE_WRITE_SIGNATURE}, 5, 1, aliased=1)
+        check_abi({**record, "signature": out_first}, 8, 1)
+    check_abi({"kernel": "kv_cache_write_kernel", "signature": aot.KV_CACHE_WRITE_SIGNATURE}, 6, 1, aliased=1)
     with pytest.raises(WalkforgeError):  # a non-aliased output must have its pointer
-        check_abi({"kernel": "kv_cache_write_kernel", "signature": aot.KV_CACHE_WRITE_SIGNATURE}, 5, 1)
+        check_abi({"kernel": "kv_cache_write_kernel", "signature": aot.KV_CACHE_WRITE_SIGNATURE}, 6, 1)
 
 
 def test_kernel_record_names_the_archs_it_has():

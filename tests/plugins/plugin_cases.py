@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from walkforge.plugins.constants import FP8_MAX
+
 LAYERS = 2
 HEADS = 4
 BATCHES = {1: [17], 4: [1, 17, 33, 0]}  # batch size -> prefix lengths (not page multiples, one empty)
@@ -56,11 +58,17 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
         return torch.randn(*shape, generator=gen)
 
     kv, hd, s, b = case.kv_heads, case.head_dim, case.seq, case.batch
+    pool, k_all, v_all = randn(LAYERS, 2, num_pages, case.page_size, kv, hd), randn(LAYERS, b, kv, s, hd), \
+        randn(LAYERS, b, kv, s, hd)
+    v_all, pool[:, 1] = v_all * 3, pool[:, 1] * 3  # V on another scale than K
+    amax = torch.stack([k_all.abs().amax(dim=(1, 2, 3, 4)), v_all.abs().amax(dim=(1, 2, 3, 4))], dim=1)
+    amax = torch.maximum(amax, pool.abs().amax(dim=(2, 3, 4, 5)))  # [L, 2]: what calibration would see
     return {
-        "pool": randn(LAYERS, 2, num_pages, case.page_size, kv, hd),
+        "pool": pool,
         "q": randn(b, HEADS, s, hd),
-        "k_all": randn(LAYERS, b, kv, s, hd),
-        "v_all": randn(LAYERS, b, kv, s, hd),
+        "k_all": k_all,
+        "v_all": v_all,
+        "kv_scales": amax / FP8_MAX,  # [L, 2] as calibration gives them: amax / 448
         "block_table": block_table,
         "positions": positions,
         "prefix_lens": prefix,
@@ -68,6 +76,17 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
         "layer": 1,
         "scale": hd**-0.5,
     }
+
+
+def fp8_pool(pool: torch.Tensor, kv_scales: torch.Tensor) -> torch.Tensor:
+    """An fp8 pool holding `pool` quantised with kv_scales [L, 2]: float8_e4m3fn, 1 byte/element."""
+    scaled = pool.double() / kv_scales.double().reshape(-1, 2, 1, 1, 1, 1)
+    return scaled.clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn)
+
+
+def dequantize(pool: torch.Tensor, kv_scales: torch.Tensor) -> torch.Tensor:
+    """float64 values of an fp8 pool."""
+    return pool.double() * kv_scales.double().reshape(-1, 2, 1, 1, 1, 1)
 
 
 def dense_kv_write(pool, k, v, block_table, positions) -> torch.Tensor:

@@ -26,6 +26,7 @@ DYNAMIC = {
     "positions": {0: _D, 1: _D},
     "prefix_lens": {0: _D},
     "suffix_mask": {0: _D, 1: _D},
+    "kv_scales": {},
 }
 
 

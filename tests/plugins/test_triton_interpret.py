@@ -20,7 +20,7 @@ from plugin_cases import ALL_CASES
 from walkforge.plugins.kv_cache_write import kv_cache_write_triton
 
 HERE = Path(__file__).parent
-TOL = {"kv_write": 0.0, "attention": 1e-5}
+TOL = {"kv_write": 0.0, "attention": 1e-5, "kv_write_fp8": 0, "attention_fp8": 1e-5}  # fp8: bytes that differ
 # every S=1 case plus S=51 cases covering both page sizes, both KV head counts and both head dims
 CASES = [c.id for c in ALL_CASES if c.seq == 1] + [
     "ps8-kvh1-d16-s51-b4", "ps16-kvh2-d16-s51-b4", "ps8-kvh2-d256-s51-b1", "ps16-kvh1-d256-s51-b1",

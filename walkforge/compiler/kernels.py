@@ -25,7 +25,8 @@ def plugin_ops(walks: Mapping[str, Any]) -> set[str]:
 
 def build_kernels(root: Path, archs: Sequence[str], shapes: Mapping[str, int]) -> list[dict[str, Any]]:
     """Compile every plugin kernel for `archs`, specialised to `shapes` (num_heads, kv_heads,
-    head_dim, page_size); write cubin/PTX under `root/kernels/`; return manifest records."""
+    head_dim, page_size, optionally pool_dtype: fp8-pool kernels are named `<kernel>_fp8` and built
+    for sm_89+ only); write cubin/PTX under `root/kernels/`; return manifest records."""
     from walkforge.plugins.aot import compile_kernels, parse_arch
 
     for arch in archs:

@@ -1,4 +1,4 @@
-"""The compile pipeline: load → trace → passes → check → build → calibrate → kernels →
+"""The compile pipeline: load → trace → passes → check → build → kv_cache → calibrate → kernels →
 trt_lint → package.
 
 Each stage takes the shared `Job`, does one thing and returns counts that are logged and
@@ -62,6 +62,7 @@ class CompileRequest:
     fp8_min_cosine: float | None = None  # end-to-end gate: exclude sensitive nodes until it holds
     fp8_exclude: tuple[str, ...] = ()  # node names or torch module paths kept in fp32
     gpu_archs: tuple[str, ...] = DEFAULT_ARCHS
+    kv_dtype: str = "fp32"  # "fp32" | "fp8" (E4M3 page pool, per-layer K/V scales; any precision)
 
 
 @dataclass
@@ -222,6 +223,25 @@ def build(job: Job) -> dict[str, int]:
     return {"targets": 1}
 
 
+def kv_cache(job: Job) -> dict[str, int]:
+    """--kv-dtype fp8: K/V scales per layer from the fp32 cpu engines, then an fp8 page pool in
+    every walk (compiler/kv_cache.py). Runs whatever the precision: fp32 weights may keep an fp8 KV."""
+    from walkforge.compiler.calibrate import calibration_samples
+    from walkforge.compiler.kv_cache import calibrate_kv
+
+    req = job.request
+    if req.kv_dtype not in KV_DTYPES:
+        raise WalkforgeError(f"kv dtype must be one of {', '.join(KV_DTYPES)}, got '{req.kv_dtype}'")
+    if req.kv_dtype == "fp32":
+        return {}
+    bundle = Bundle(job.stage_dir, job.manifest)
+    samples = calibration_samples(bundle, req.calib_data, req.calib_samples, req.seed)
+    entry, counts = calibrate_kv(bundle, samples, job.progress.bar)
+    job.manifest["precision"]["kv"] = "fp8_e4m3"
+    job.progress.say(f"fp8 KV cache: actions vs fp32 pool cosine {entry['vs_fp32']['cosine']:.6f}")
+    return counts
+
+
 def calibrate(job: Job) -> dict[str, int]:
     """fp8: calibrate on the fp32 cpu engines (or reuse scales), quantise, gate end to end."""
     from walkforge.compiler.calibrate import calibration_samples
@@ -238,7 +258,8 @@ def calibrate(job: Job) -> dict[str, int]:
     opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
                       req.fp8_min_cosine, req.fp8_exclude)
     entry, counts = quantize_bundle(bundle, samples, opts, job.progress.bar)
-    job.manifest["precision"] = {"weights": "fp8_e4m3", "activations": "fp8_e4m3", "kv": "fp32",
+    job.manifest["precision"] = {"weights": "fp8_e4m3", "activations": "fp8_e4m3",
+                                 "kv": job.manifest["precision"]["kv"],
                                  "calibration": entry}
     e2e, excluded = entry["end_to_end"], entry["gate"]["excluded"]
     job.progress.say(f"fp8 vs fp32 end to end: cosine {e2e['cosine']:.6f}, rel err {e2e['rel']:.2e}"
@@ -251,7 +272,9 @@ def kernels(job: Job) -> dict[str, int]:
     ops = plugin_ops(job.manifest["walks"])
     if not ops or not job.request.gpu_archs:
         return {}
-    records = build_kernels(job.stage_dir, job.request.gpu_archs, job.recipe.kernel_shapes(job.cfg))
+    pool = "float8_e4m3fn" if job.request.kv_dtype == "fp8" else "float32"
+    records = build_kernels(job.stage_dir, job.request.gpu_archs,
+                            {**job.recipe.kernel_shapes(job.cfg), "pool_dtype": pool})
     job.manifest["kernels"] = records
     for r in records:
         job.progress.say(f"{r['kernel']} {r['arch']}: PTX ISA {r['ptx_isa']}, Triton {r['triton_version']}")
@@ -279,8 +302,10 @@ def package(job: Job) -> dict[str, int]:
 
 
 PRECISIONS = ("fp32", "fp8")
+KV_DTYPES = ("fp32", "fp8")
 STAGES = (("load", load), ("trace", trace), ("passes", passes), ("check", check), ("build", build),
-          ("calibrate", calibrate), ("kernels", kernels), ("trt_lint", trt_lint), ("package", package))
+          ("kv_cache", kv_cache), ("calibrate", calibrate), ("kernels", kernels), ("trt_lint", trt_lint),
+          ("package", package))
 
 
 def compile_bundle(request: CompileRequest, progress: Progress | None = None) -> dict[str, Any]:

@@ -14,12 +14,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from walkforge.errors import WalkforgeError
 
 Dim = int | str
-DTYPES = ("float32", "float16", "int64", "int32", "bool")
+DTYPES = ("float32", "float16", "int64", "int32", "bool", "float8_e4m3fn")
+"""float8_e4m3fn (an fp8 KV page pool) is ml_dtypes.float8_e4m3fn in numpy, 1 byte per element."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a TensorSpec dtype name."""
+    if name == "float8_e4m3fn":
+        return np.dtype(ml_dtypes.float8_e4m3fn)
+    return np.dtype(name)
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class TensorSpec:
         label = f"{where}{self.name}"
         if not isinstance(value, np.ndarray):
             raise WalkforgeError(f"{label}: expected a numpy array, got {type(value).__name__}")
-        if value.dtype != np.dtype(self.dtype):
+        if value.dtype != numpy_dtype(self.dtype):
             raise WalkforgeError(f"{label}: dtype {value.dtype}, expected {self.dtype}")
         if value.ndim != len(self.shape):
             raise WalkforgeError(

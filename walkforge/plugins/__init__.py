@@ -41,6 +41,11 @@ def _ops() -> dict[str, ModuleType]:
 
 MIN_OPSET = 18
 """Lowest standard opset the function bodies are valid for."""
+MIN_OPSET_FP8 = 19
+"""Lowest standard opset of the fp8-pool bodies (Cast to FLOAT8E4M3FN)."""
+POOL_INPUT = {"KVCacheWrite": 0, "PagedAttention": 3}
+"""Index of the page pool among each op's inputs (KVCacheWrite's output 0 is the pool too)."""
+_FLOAT, _FP8, _BYTES = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8
 
 
 def translation_table() -> dict:
@@ -64,18 +69,68 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("model imports no standard ONNX opset")
 
 
+def _pool_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs, outputs and value infos that hold a page pool (what the walkforge ops read/write)."""
+    names = set()
+    for node in _nodes(model.graph):
+        index = POOL_INPUT.get(node.op_type, -1) if node.domain == DOMAIN else -1
+        if 0 <= index < len(node.input):
+            names.add(node.input[index])
+            names.update(node.output[:1] if node.op_type == "KVCacheWrite" else ())
+    graph = model.graph
+    return [v for v in (*graph.input, *graph.output, *graph.value_info) if v.name in names]
+
+
+def _retype_pool(model: onnx.ModelProto, types: tuple[int, ...]) -> list[str]:
+    """Give every pool value of element type in `types` the type UINT8; return their names."""
+    retyped = []
+    for value in _pool_values(model):
+        if value.type.tensor_type.elem_type in types:
+            value.type.tensor_type.elem_type = _BYTES
+            retyped.append(value.name)
+    return retyped
+
+
+def pool_is_fp8(model: onnx.ModelProto) -> bool:
+    """Whether the model's page pool is fp8 (FLOAT8E4M3FN, or UINT8 carrying its bytes)."""
+    return any(v.type.tensor_type.elem_type in (_FP8, _BYTES) for v in _pool_values(model))
+
+
+def fp8_kv_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Make the model's float32 page pool an fp8 pool; modifies and returns `model`.
+
+    onnxruntime's Gather, ScatterND, Concat (and every other indexing op: the ONNX schemas leave
+    float8 out) reject FLOAT8E4M3FN tensors, and ONNX has no bitcast, so the pool's graph inputs
+    and outputs become UINT8 holding the E4M3 bytes (1 byte per element, written in place), and
+    the walkforge function bodies are swapped for their fp8 versions, which take `kv_scales`.
+    Returns {"kv_pool_fp8": number of pool values retyped}.
+    """
+    retyped = _retype_pool(model, (_FLOAT, _FP8))
+    kept = [f for f in model.functions if f.domain != DOMAIN]
+    del model.functions[:]
+    model.functions.extend(kept)
+    model, _ = attach_functions(model)
+    logger.info("fp8 KV pool: %d pool value(s) now carry E4M3 bytes: %s", len(retyped), retyped)
+    return model, {"kv_pool_fp8": len(retyped)}
+
+
 def attach_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Attach the function body of every walkforge op that `model` uses; modifies and returns `model`.
 
     Bodies use the model's own standard opset (>= MIN_OPSET) and `walkforge` v1 is imported.
+    A model whose pool is fp8 gets the fp8 bodies (opset >= MIN_OPSET_FP8); a FLOAT8E4M3FN pool
+    (traced from a float8 torch pool) is retyped to its UINT8 bytes first (see `fp8_kv_pool`).
     Returns counts of nodes per op, e.g. {"KVCacheWrite": 1, "PagedAttention": 18}. Functions
     already present are kept (the pass is idempotent).
     """
     from walkforge.plugins._common import function_proto
 
     opset = _default_opset(model)
-    if opset < MIN_OPSET:
-        raise ValueError(f"walkforge function bodies need opset >= {MIN_OPSET}, model has {opset}")
+    _retype_pool(model, (_FP8,))
+    fp8 = pool_is_fp8(model)
+    need = MIN_OPSET_FP8 if fp8 else MIN_OPSET
+    if opset < need:
+        raise ValueError(f"walkforge function bodies need opset >= {need}, model has {opset}")
     counts = Counter(node.op_type for node in _nodes(model.graph) if node.domain == DOMAIN)
     unknown = sorted(set(counts) - set(_OP_MODULES))
     if unknown:
@@ -83,11 +138,14 @@ def attach_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     present = {(f.domain, f.name) for f in model.functions}
     added = [name for name in sorted(counts) if (DOMAIN, name) not in present]
     ops = _ops()
-    model.functions.extend(function_proto(ops[name].FUNCTION, opset) for name in added)
+    body = "FUNCTION_FP8" if fp8 else "FUNCTION"
+    model.functions.extend(function_proto(getattr(ops[name], body), opset, name) for name in added)
     if counts and all(entry.domain != DOMAIN for entry in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    logger.info("attached %d walkforge function(s) at opset %d for %s", len(added), opset, dict(counts))
+    logger.info("attached %d walkforge %sfunction(s) at opset %d for %s", len(added), "fp8-pool " * fp8,
+                opset, dict(counts))
     return model, dict(counts)
 
 
-__all__ = ["MIN_OPSET", "OPS", "PAGE_SIZE", "attach_functions", "translation_table"]
+__all__ = ["MIN_OPSET", "OPS", "PAGE_SIZE", "attach_functions", "fp8_kv_pool", "pool_is_fp8",
+           "translation_table"]

@@ -80,9 +80,11 @@ def fp8_decode_table() -> list[float]:
 FP8_DECODE = fp8_decode_table()
 
 
-def function_proto(body: onnxscript.OnnxFunction, opset: int) -> onnx.FunctionProto:
-    """The FunctionProto of an onnxscript body, its standard ops pinned to the model's `opset`."""
+def function_proto(body: onnxscript.OnnxFunction, opset: int, name: str | None = None) -> onnx.FunctionProto:
+    """The FunctionProto of an onnxscript body, its standard ops pinned to the model's `opset`,
+    named `name` (the op it implements; default: the body's Python name)."""
     proto = body.to_function_proto()
+    proto.name = name or proto.name
     del proto.opset_import[:]
     proto.opset_import.append(onnx.helper.make_opsetid("", opset))
     return proto

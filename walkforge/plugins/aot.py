@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from walkforge.plugins import kv_cache_write, paged_attention
-from walkforge.plugins.constants import PAGE_SIZE
+from walkforge.plugins.constants import FP8_KERNEL_SUFFIX, PAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +27,24 @@ FP_FUSION = True
 
 KV_CACHE_WRITE_SIGNATURE = {
     "pool_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
-    "block_table_ptr": "*i64", "positions_ptr": "*i64",
+    "block_table_ptr": "*i64", "positions_ptr": "*i64", "kv_scales_ptr": "*fp32",
     "num_layers": "i32", "batch": "i32", "seq_len": "i32", "num_pages": "i32", "max_pages": "i32",
 }  # fmt: skip
 PAGED_ATTENTION_SIGNATURE = {  # TensorRT AOT order: input pointers, int32 scalars, output pointers
     "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "pool_ptr": "*fp32",
-    "block_table_ptr": "*i64", "prefix_lens_ptr": "*i64", "mask_ptr": "*i1",
+    "block_table_ptr": "*i64", "prefix_lens_ptr": "*i64", "mask_ptr": "*i1", "kv_scales_ptr": "*fp32",
     "seq_len": "i32", "num_pages": "i32", "max_pages": "i32", "layer": "i32", "out_ptr": "*fp32",
 }  # fmt: skip
+POOL_POINTERS = {"float32": "*fp32", "float8_e4m3fn": "*fp8e4nv"}
+"""Triton pointer type of the page pool by its dtype (the kernels specialise on it)."""
+FP8_MIN_ARCH = 89
+"""Triton has float8e4nv (E4M3) on sm_89 and later only; fp8-pool kernels are not built for older archs
+(TensorRT then runs the ops' ONNX bodies there)."""
+
+
+def kernel_name(fn_name: str, pool_dtype: str = "float32") -> str:
+    """Record name of a kernel for a pool dtype: 'paged_attention_kernel_fp8' for an fp8 pool."""
+    return fn_name + (FP8_KERNEL_SUFFIX if pool_dtype != "float32" else "")
 
 
 def parse_arch(arch: str) -> int:
@@ -79,26 +89,32 @@ def _launch_facts(kernel, signature: dict) -> dict:
     }
 
 
-def _kernels(num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float) -> list[tuple]:
+def _kernels(num_heads: int, kv_heads: int, head_dim: int, page_size: int, scale: float,
+             pool_dtype: str = "float32") -> list[tuple]:
     """(jit function, runtime signature, constexprs, grid rule) of every plugin kernel."""
+    if pool_dtype not in POOL_POINTERS:
+        raise ValueError(f"no kernels for a {pool_dtype!r} pool; pools are {sorted(POOL_POINTERS)}")
+    pool = {"pool_ptr": POOL_POINTERS[pool_dtype]}
     return [
         (
             kv_cache_write.kv_cache_write_kernel,
-            KV_CACHE_WRITE_SIGNATURE,
+            KV_CACHE_WRITE_SIGNATURE | pool,
             kv_cache_write.launch_config(kv_heads, head_dim, page_size),
             kv_cache_write.GRID_RULE,
         ),
         (
             paged_attention.paged_attention_kernel,
-            PAGED_ATTENTION_SIGNATURE,
+            PAGED_ATTENTION_SIGNATURE | pool,
             paged_attention.launch_config(num_heads, kv_heads, head_dim, page_size, scale),
             paged_attention.GRID_RULE,
         ),
     ]
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: int = 4) -> dict:
-    """Compile one jit kernel for one arch; returns its record (see module doc)."""
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: int = 4,
+                   name: str | None = None) -> dict:
+    """Compile one jit kernel for one arch; returns its record (see module doc), named `name`
+    (default: the function's name)."""
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError(f"{fn!r} is not a JITFunction: AOT compile cannot run with TRITON_INTERPRET=1")
     cc = parse_arch(arch)
@@ -114,7 +130,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: 
         raise RuntimeError(f"AOT compile of {fn.__name__} for {arch} failed: {error}") from error
     cubin, ptx = kernel.asm["cubin"], kernel.asm["ptx"]
     return {
-        "kernel": fn.__name__,
+        "kernel": name or fn.__name__,
         "function_name": kernel.metadata.name,
         "arch": arch,
         "cubin": cubin,
@@ -138,8 +154,10 @@ def compile_kernels(
     page_size: int = PAGE_SIZE,
     scale: float | None = None,
     num_warps: int = 4,
+    pool_dtype: str = "float32",
 ) -> list[dict]:
-    """Compile every plugin kernel for every arch, specialised for one model's head layout.
+    """Compile every plugin kernel for every arch, specialised for one model's head layout and
+    page pool dtype ("float32" or "float8_e4m3fn": records named `kernel_name(fn, pool_dtype)`).
 
     `scale` defaults to head_dim ** -0.5. Records are those of `compile_kernel` plus "grid", the
     launch grid rule. Raises RuntimeError naming the kernel and arch on the first failure.
@@ -147,9 +165,15 @@ def compile_kernels(
     scale = head_dim**-0.5 if scale is None else scale
     records = []
     for arch in archs:
-        for fn, signature, constexprs, grid in _kernels(num_heads, kv_heads, head_dim, page_size, scale):
-            record = compile_kernel(fn, signature, constexprs, arch, num_warps)
+        if pool_dtype != "float32" and parse_arch(arch) < FP8_MIN_ARCH:
+            logger.warning("no %s-pool kernels for %s: Triton has float8e4nv from sm_%d", pool_dtype, arch,
+                           FP8_MIN_ARCH)  # fmt: skip
+            continue
+        for fn, signature, constexprs, grid in _kernels(num_heads, kv_heads, head_dim, page_size, scale,
+                                                        pool_dtype):  # fmt: skip
+            record = compile_kernel(fn, signature, constexprs, arch, num_warps,
+                                    kernel_name(fn.__name__, pool_dtype))
             records.append({**record, "grid": grid})
-            logger.info("compiled %s for %s: %d B cubin, PTX ISA %s", fn.__name__, arch, len(record["cubin"]),
-                        record["ptx_isa"])  # fmt: skip
+            logger.info("compiled %s for %s: %d B cubin, PTX ISA %s", record["kernel"], arch,
+                        len(record["cubin"]), record["ptx_isa"])  # fmt: skip
     return records

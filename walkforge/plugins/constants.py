@@ -24,6 +24,8 @@ MAX_PAGE_SIZE = 256
 
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn: fp8 pool writes saturate to +-FP8_MAX."""
+FP8_KERNEL_SUFFIX = "_fp8"
+"""Appended to a kernel's AOT record name when it was compiled for an fp8 pool."""
 FP8_POOL_DTYPE = "float8_e4m3fn"
 """TensorSpec dtype of an fp8 pool (numpy: ml_dtypes.float8_e4m3fn; torch: torch.float8_e4m3fn)."""
 

@@ -34,7 +34,6 @@ from onnxscript import script
 from walkforge.plugins._common import (
     WALKFORGE_OPSET,
     check_triton_device,
-    is_fp8,
     pool_scales,
     register_onnx_schema,
 )
@@ -79,19 +78,14 @@ def kv_cache_write(
         k, v = _quantize(k, k_scale), _quantize(v, v_scale)
     out = pool.clone()
     b, s, page, slot = _slots(pool, block_table, positions)
-    bytes_ = out.view(torch.uint8) if is_fp8(pool) else out  # CPU torch has no float8 index_put
-    bytes_[:, POOL_K, page, slot] = _raw(k.transpose(2, 3)[:, b, s], pool)  # [L, N, KVH, D]
-    bytes_[:, POOL_V, page, slot] = _raw(v.transpose(2, 3)[:, b, s], pool)
+    out[:, POOL_K, page, slot] = k.transpose(2, 3)[:, b, s]  # [L, N, KVH, D]
+    out[:, POOL_V, page, slot] = v.transpose(2, 3)[:, b, s]
     return out
 
 
 def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """E4M3 of x / scale, saturated to +-FP8_MAX, rounded to nearest even."""
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-
-
-def _raw(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.uint8) if is_fp8(pool) else x
 
 
 @kv_cache_write.register_fake
@@ -199,6 +193,23 @@ FUNCTION_FP8 = KVCacheWriteFP8
 
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
+_RINT = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + _RINT - _RINT rounds |x| < 2^22 to an integer (ties even)
+
+
+@triton.jit
+def _round_e4m3(x):
+    """x (|x| <= FP8_MAX) rounded to the E4M3 grid, nearest even, as float32 (so exactly representable).
+
+    Done by hand because Triton 3.9's interpreter converts float32 -> float8e4nv wrongly (a round-up
+    does not carry into the exponent: 124 -> 64; subnormals flush to 0; ties round away); exact
+    values it converts correctly. On a GPU the conversion of the rounded value is exact too.
+    """
+    a = tl.abs(x)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # binade; subnormals: 2^-6's
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
+    inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)
+    r = ((a * inv_step + _RINT) - _RINT) * step
+    return tl.where(x < 0, -r, r)  # tiny negatives round to -0, as torch's conversion does
 
 
 @triton.jit
@@ -228,8 +239,9 @@ def kv_cache_write_kernel(
             k = tl.load(k_ptr + src, mask=mask)
             v = tl.load(v_ptr + src, mask=mask)
             if pool_ptr.dtype.element_ty == tl.float8e4nv:
-                k = tl.clamp(k / tl.load(kv_scales_ptr + layer * 2), -_FP8_MAX, _FP8_MAX)
-                v = tl.clamp(v / tl.load(kv_scales_ptr + layer * 2 + 1), -_FP8_MAX, _FP8_MAX)
+                k = tl.clamp(tl.div_rn(k, tl.load(kv_scales_ptr + layer * 2)), -_FP8_MAX, _FP8_MAX)
+                v = tl.clamp(tl.div_rn(v, tl.load(kv_scales_ptr + layer * 2 + 1)), -_FP8_MAX, _FP8_MAX)
+                k, v = _round_e4m3(k), _round_e4m3(v)
             tl.store(pool_ptr + dst_k, k.to(pool_ptr.dtype.element_ty), mask=mask)
             tl.store(pool_ptr + dst_v, v.to(pool_ptr.dtype.element_ty), mask=mask)
 

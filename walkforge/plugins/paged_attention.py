@@ -3,45 +3,59 @@
 Shapes:
     q            float32 [B, H, S, D]        RoPE already applied
     k, v         float32 [B, KVH, S, D]      the walk's own (suffix) keys/values
-    pool         float32 [L, 2, NP, PS, KVH, D]
+    pool         float32 or float8_e4m3fn [L, 2, NP, PS, KVH, D]
     block_table  int64   [B, MP]             logical page -> physical page (negative entries read as 0)
     prefix_lens  int64   [B]                 request b's prefix = logical positions 0..prefix_lens[b]-1
     suffix_mask  bool    [S, S]              query i may attend suffix key j
+    kv_scales    float32 [L, 2]              optional; an fp8 pool reads stored * kv_scales[layer, K|V]
     layer: int, scale: float (attributes)
     -> out       float32 [B, H, S, D]
 
 Softmax (fp32) over [prefix keys < prefix_lens[b]] ++ [suffix keys allowed by suffix_mask].
 GQA: query head h reads kv head h // (H // KVH). Masked logits are MASK_FILL (finite), so every
 query should see at least one key; a row that sees none is implementation-defined.
+A float32 pool ignores kv_scales. In ONNX an fp8 pool travels as UINT8 bytes (see kv_cache_write).
 """
 
 from __future__ import annotations
 
+import onnx
 import torch
 import triton
 import triton.language as tl
 from onnxscript import opset18 as op
+from onnxscript import opset19 as op19
 from onnxscript import script
 
-from walkforge.plugins._common import WALKFORGE_OPSET, check_triton_device, register_onnx_schema
+from walkforge.plugins._common import (
+    FP8_DECODE,
+    WALKFORGE_OPSET,
+    check_triton_device,
+    pool_scales,
+    register_onnx_schema,
+)
 from walkforge.plugins.constants import MASK_FILL, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
 
 ONNX_NAME = "PagedAttention"
+INT32 = onnx.TensorProto.INT32
 ATTRIBUTES: dict[str, type] = {"layer": int, "scale": float, "plugin_namespace": str, "aot": int}
 
 SCHEMA = register_onnx_schema(
     ONNX_NAME,
-    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("pool", "T"), ("block_table", "I"),
-            ("prefix_lens", "I"), ("suffix_mask", "M")],
+    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("pool", "P"), ("block_table", "I"),
+            ("prefix_lens", "I"), ("suffix_mask", "M"), ("kv_scales", "T?")],
     outputs=[("out", "T")],
     attributes=ATTRIBUTES,
     doc=__doc__,
 )  # fmt: skip
 
 
-def _gather_prefix(pool: torch.Tensor, block_table: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
-    """K or V pages of every request, flattened: [B, KVH, MP * PS, D]."""
+def _gather_prefix(pool: torch.Tensor, block_table: torch.Tensor, layer: int, kv: int,
+                   scale: torch.Tensor | None) -> torch.Tensor:
+    """K or V pages of every request, flattened, in float32: [B, KVH, MP * PS, D]."""
     pages = pool[layer, kv][block_table.clamp(min=0)]  # [B, MP, PS, KVH, D]
+    if scale is not None:  # fp8 pool: dequantise with this layer's scale
+        pages = pages.float() * scale[layer]
     batch, max_pages, page_size, kv_heads, head_dim = pages.shape
     return pages.reshape(batch, max_pages * page_size, kv_heads, head_dim).transpose(1, 2)
 
@@ -57,12 +71,14 @@ def paged_attention(
     suffix_mask: torch.Tensor,
     layer: int,
     scale: float,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager reference (see module doc); mirrors the ONNX body step for step."""
     batch, heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
-    keys = torch.cat([_gather_prefix(pool, block_table, layer, POOL_K), k], dim=2)  # [B, KVH, T+S, D]
-    values = torch.cat([_gather_prefix(pool, block_table, layer, POOL_V), v], dim=2)
+    k_scale, v_scale = pool_scales(pool, kv_scales)
+    keys = torch.cat([_gather_prefix(pool, block_table, layer, POOL_K, k_scale), k], dim=2)  # [B,KVH,T+S,D]
+    values = torch.cat([_gather_prefix(pool, block_table, layer, POOL_V, v_scale), v], dim=2)
     prefix_ok = torch.arange(keys.shape[2] - seq_len) < prefix_lens[:, None]  # [B, T]
     allowed = torch.cat(
         [prefix_ok[:, None, :].expand(-1, seq_len, -1), suffix_mask.expand(batch, -1, -1)], dim=-1
@@ -75,24 +91,26 @@ def paged_attention(
 
 
 @paged_attention.register_fake
-def _(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer, scale):
+def _(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer, scale, kv_scales=None):
     return torch.empty_like(q)
 
 
 # ---------------------------------------------------------------- ONNX
 
 
-def translate(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, scale: float):
+def translate(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, scale: float, kv_scales=None):
     """custom_translation_table entry: one bare `walkforge.PagedAttention` node."""
+    scales = () if kv_scales is None else (kv_scales,)
     return WALKFORGE_OPSET.PagedAttention(
-        q, k, v, pool, block_table, prefix_lens, suffix_mask,
+        q, k, v, pool, block_table, prefix_lens, suffix_mask, *scales,
         layer=layer, scale=scale, plugin_namespace=PLUGIN_NAMESPACE, aot=1,
     )  # fmt: skip
 
 
 @script(WALKFORGE_OPSET, default_opset=op)
-def PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, scale: float):  # noqa: N802
-    """Function body; `layer` and `scale` are attribute references, so one body serves every node.
+def PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales, layer: int, scale: float):  # noqa: N802
+    """Function body (float32 pool; kv_scales unused); `layer` and `scale` are attribute
+    references, so one body serves every node.
 
     Masking uses Where on float logits with a bool condition (onnxruntime CPU has no Where for
     bool *values*; bool conditions are fine) and Concat/Expand of bool tensors.
@@ -124,9 +142,48 @@ def PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: 
     return op.Reshape(out, q_shape)
 
 
+@script(WALKFORGE_OPSET, default_opset=op19)
+def PagedAttentionFP8(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales, layer: int,  # noqa: N802
+                      scale: float):
+    """Function body for an fp8 pool carried as UINT8 bytes: the float32 body, with the request's
+    pages decoded (Gather of the byte into a 256-entry E4M3 value table) times the layer's scale."""
+    layer_pool = op19.Gather(pool, op19.Constant(value_int=layer), axis=0)  # [2, NP, PS, KVH, D] bytes
+    layer_scales = op19.Gather(kv_scales, op19.Constant(value_int=layer), axis=0)  # [2]
+    decode = op19.Constant(value_floats=FP8_DECODE)  # [256]
+    pages = op19.Max(block_table, op19.Constant(value_int=0))
+    kv_d = op19.Shape(pool, start=4)
+    flat = op19.Concat(op19.Shape(block_table, start=0, end=1), [-1], kv_d, axis=0)
+    k_pages = op19.Gather(op19.Gather(layer_pool, 0, axis=0), pages, axis=0)  # [B, MP, PS, KVH, D] bytes
+    v_pages = op19.Gather(op19.Gather(layer_pool, 1, axis=0), pages, axis=0)
+    k_scale, v_scale = op19.Gather(layer_scales, 0), op19.Gather(layer_scales, 1)
+    k_pages = op19.Mul(op19.Gather(decode, op19.Cast(k_pages, to=INT32), axis=0), k_scale)  # float32
+    v_pages = op19.Mul(op19.Gather(decode, op19.Cast(v_pages, to=INT32), axis=0), v_scale)
+    k_pre = op19.Transpose(op19.Reshape(k_pages, flat), perm=[0, 2, 1, 3])  # [B, KVH, T, D]
+    v_pre = op19.Transpose(op19.Reshape(v_pages, flat), perm=[0, 2, 1, 3])
+    keys = op19.Unsqueeze(op19.Concat(k_pre, k, axis=2), [2])
+    values = op19.Unsqueeze(op19.Concat(v_pre, v, axis=2), [2])
+
+    q_shape = op19.Shape(q)
+    q5 = op19.Reshape(q, op19.Concat(op19.Shape(k, start=0, end=2), [-1], op19.Shape(q, start=2), axis=0))
+    logits = op19.Mul(op19.MatMul(q5, op19.Transpose(keys, perm=[0, 1, 2, 4, 3])),
+                      op19.Constant(value_float=scale))  # fmt: skip
+    seq = op19.Shape(q, start=2, end=3)
+    n_prefix = op19.Shape(k_pre, start=2, end=3)
+    prefix_ok = op19.Less(op19.Range(0, op19.Squeeze(n_prefix), 1), op19.Unsqueeze(prefix_lens, [1]))
+    batch = op19.Shape(q, start=0, end=1)
+    prefix_ok = op19.Expand(op19.Unsqueeze(prefix_ok, [1]), op19.Concat(batch, seq, n_prefix, axis=0))
+    suffix_ok = op19.Expand(op19.Unsqueeze(suffix_mask, [0]), op19.Concat(batch, seq, seq, axis=0))
+    allowed = op19.Unsqueeze(op19.Concat(prefix_ok, suffix_ok, axis=-1), [1, 2])
+    logits = op19.Where(allowed, logits, op19.Constant(value_float=MASK_FILL))
+    out = op19.MatMul(op19.Softmax(logits, axis=-1), values)
+    return op19.Reshape(out, q_shape)
+
+
 TORCH_OP = torch.ops.walkforge.paged_attention.default
 FUNCTION = PagedAttention
 """The onnxscript body; `_common.function_proto(FUNCTION, opset)` gives the FunctionProto."""
+FUNCTION_FP8 = PagedAttentionFP8
+"""The body for an fp8 pool (UINT8 bytes); needs opset >= 19."""
 
 
 # ---------------------------------------------------------------- Triton
@@ -145,13 +202,16 @@ def _online_softmax_step(acc, m_i, l_i, logits, values):
 
 @triton.jit
 def paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, pool_ptr, block_table_ptr, prefix_lens_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, pool_ptr, block_table_ptr, prefix_lens_ptr, mask_ptr, kv_scales_ptr,
     seq_len, num_pages, max_pages, layer, out_ptr,
     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     SCALE: tl.constexpr, FILL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(S, BLOCK_M), H, B): BLOCK_M queries of one head; prefix pages, then the suffix."""
+    """Grid (cdiv(S, BLOCK_M), H, B): BLOCK_M queries of one head; prefix pages, then the suffix.
+
+    An fp8 pool (`*fp8e4nv`) is read as float32 times the layer's K / V scale; a float32 pool
+    never reads kv_scales_ptr."""
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1)
     kvh = h // (NUM_HEADS // KV_HEADS)
@@ -167,6 +227,11 @@ def paged_attention_kernel(
 
     n_prefix = tl.load(prefix_lens_ptr + b)
     v_shift = num_pages * PAGE_SIZE * KV_HEADS * HEAD_DIM
+    k_scale = 1.0
+    v_scale = 1.0
+    if pool_ptr.dtype.element_ty == tl.float8e4nv:
+        k_scale = tl.load(kv_scales_ptr + layer * 2)
+        v_scale = tl.load(kv_scales_ptr + layer * 2 + 1)
     for start in range(0, n_prefix, BLOCK_N):  # prefix: BLOCK_N logical positions, any pages
         t = start + tl.arange(0, BLOCK_N)
         t_ok = t < n_prefix
@@ -174,8 +239,8 @@ def paged_attention_kernel(
         slot = ((layer * 2 * num_pages + tl.maximum(page, 0)) * PAGE_SIZE + t % PAGE_SIZE) * KV_HEADS + kvh
         kv_off = slot[:, None] * HEAD_DIM + d[None, :]
         kv_mask = t_ok[:, None] & (d[None, :] < HEAD_DIM)
-        keys = tl.load(pool_ptr + kv_off, mask=kv_mask, other=0.0)
-        values = tl.load(pool_ptr + v_shift + kv_off, mask=kv_mask, other=0.0)
+        keys = tl.load(pool_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32) * k_scale
+        values = tl.load(pool_ptr + v_shift + kv_off, mask=kv_mask, other=0.0).to(tl.float32) * v_scale
         logits = tl.dot(q, tl.trans(keys), input_precision="ieee") * SCALE
         logits = tl.where(t_ok[None, :], logits, FILL)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, logits, values)
@@ -225,19 +290,23 @@ def paged_attention_triton(
     suffix_mask: torch.Tensor,
     layer: int,
     scale: float,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton paged attention; same contract as `paged_attention`. Returns a new [B, H, S, D]."""
     batch, heads, seq_len, head_dim = q.shape
-    _, _, num_pages, page_size, kv_heads, _ = pool.shape
-    q, k, v, block_table, prefix_lens, suffix_mask = (
-        t.contiguous() for t in (q, k, v, block_table, prefix_lens, suffix_mask)
+    n_layers, _, num_pages, page_size, kv_heads, _ = pool.shape
+    pool_scales(pool, kv_scales)  # dtype and scales shape checks
+    if kv_scales is None:
+        kv_scales = torch.ones(n_layers, 2, device=pool.device)
+    q, k, v, block_table, prefix_lens, suffix_mask, kv_scales = (
+        t.contiguous() for t in (q, k, v, block_table, prefix_lens, suffix_mask, kv_scales.float())
     )
     out = torch.empty_like(q)
     config = launch_config(heads, kv_heads, head_dim, page_size, scale)
     grid = (triton.cdiv(seq_len, config["BLOCK_M"]), heads, batch)
     check_triton_device(q.device)
     paged_attention_kernel[grid](
-        q, k, v, pool, block_table, prefix_lens, suffix_mask,
+        q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales,
         seq_len, num_pages, block_table.shape[1], layer, out, **config,
     )  # fmt: skip
     return out

@@ -28,15 +28,15 @@ from typing import Any
 import onnx
 
 from walkforge.errors import WalkforgeError
-from walkforge.plugins.constants import DOMAIN, PLUGIN_NAMESPACE
+from walkforge.plugins.constants import DOMAIN, FP8_KERNEL_SUFFIX, PLUGIN_NAMESPACE
 
 log = logging.getLogger(__name__)
 
 WARP_SIZE = 32
 KERNELS = {"PagedAttention": "paged_attention_kernel", "KVCacheWrite": "kv_cache_write_kernel"}
 """ONNX op -> Triton kernel (the `kernel` field of its AOT records)."""
-ARITY = {"PagedAttention": (7, 1, ()), "KVCacheWrite": (5, 1, ("pool_out",))}
-"""ONNX op -> (inputs, outputs, outputs aliased to an input) of its node."""
+ARITY = {"PagedAttention": (8, 1, ()), "KVCacheWrite": (6, 1, ("pool_out",))}
+"""ONNX op -> (inputs, outputs, outputs aliased to an input) of its node (kv_scales included)."""
 _REGISTERED: dict[str, str] = {}
 """Plugin id -> sha256 of the PTX registered in this process (registration is process-global)."""
 
@@ -51,6 +51,11 @@ def ops_used(bundle_root: Path | str, manifest: Mapping[str, Any]) -> list[str]:
         model = onnx.load(str(Path(bundle_root) / walk["onnx"]), load_external_data=False)
         used |= {node.op_type for node in model.graph.node if node.domain == DOMAIN}
     return sorted(used)
+
+
+def pool_dtype(manifest: Mapping[str, Any]) -> str:
+    """The bundle's KV pool dtype ("float32" or "float8_e4m3fn"), which picks the kernel variant."""
+    return (manifest.get("kv_cache") or {}).get("dtype", "float32")
 
 
 def kernel_record(records: Sequence[Mapping[str, Any]], kernel: str, arch: str) -> dict[str, Any]:
@@ -122,7 +127,8 @@ def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch:
             status[op] = "onnx-function (no TensorRT plugin for this op)"
             continue
         try:
-            record = kernel_record(manifest.get("kernels", []), KERNELS[op], arch)
+            kernel = KERNELS[op] + (FP8_KERNEL_SUFFIX if pool_dtype(manifest) != "float32" else "")
+            record = kernel_record(manifest.get("kernels", []), kernel, arch)
             n_in, n_out, aliased = ARITY[op]
             check_abi(record, n_in, n_out, len(aliased))
             ptx = read_ptx(bundle_root, record)
@@ -158,11 +164,12 @@ def _register_paged_attention(record: dict[str, Any], ptx: str) -> None:
     @trtp.register("walkforge::PagedAttention")
     def _descriptor(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, pool: trtp.TensorDesc,
                     block_table: trtp.TensorDesc, prefix_lens: trtp.TensorDesc,
-                    suffix_mask: trtp.TensorDesc, layer: int, scale: float) -> trtp.TensorDesc:
+                    suffix_mask: trtp.TensorDesc, kv_scales: trtp.TensorDesc, layer: int,
+                    scale: float) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.aot_impl("walkforge::PagedAttention")
-    def _aot(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer, scale, outputs, tactic):
+    def _aot(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales, layer, scale, outputs, tactic):
         if not math.isclose(scale, consts["SCALE"], rel_tol=1e-6):
             raise ValueError(f"node scale {scale} != kernel SCALE {consts['SCALE']} (recompile kernels)")
         batch, heads, seq = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
@@ -179,16 +186,18 @@ def _register_paged_attention(record: dict[str, Any], ptx: str) -> None:
 
 
 def _register_kv_cache_write(record: dict[str, Any], ptx: str) -> None:
-    """pool' (aliased to pool: written in place) = KVCacheWrite(pool, k, v, block_table, positions)."""
+    """pool' (aliased to pool: written in place) = KVCacheWrite(pool, k, v, block_table, positions,
+    kv_scales)."""
     import tensorrt.plugin as trtp
 
     @trtp.register("walkforge::KVCacheWrite")
     def _descriptor(pool: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
-                    block_table: trtp.TensorDesc, positions: trtp.TensorDesc) -> trtp.TensorDesc:
+                    block_table: trtp.TensorDesc, positions: trtp.TensorDesc,
+                    kv_scales: trtp.TensorDesc) -> trtp.TensorDesc:
         return pool.aliased()
 
     @trtp.aot_impl("walkforge::KVCacheWrite")
-    def _aot(pool, k, v, block_table, positions, outputs, tactic):
+    def _aot(pool, k, v, block_table, positions, kv_scales, outputs, tactic):
         layers, batch, seq = k.shape_expr[0], k.shape_expr[1], k.shape_expr[3]  # k: [L, B, KVH, S, D]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = seq  # grid (S, B, 1)

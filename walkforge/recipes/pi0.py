@@ -32,6 +32,7 @@ from walkforge.recipes.blocks.siglip import SiglipConfig, SiglipVision
 from walkforge.recipes.weights import KeyMap, read_safetensors
 
 NAME = "pi0"
+TORCH_POOL_DTYPES = {"float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,14 @@ class DenseCache:
 class PagedCache:
     """The prefix K/V in the runtime's page pool, read through the PagedAttention op.
 
-    pool [L, 2, NP, PS, KVH, Dh]; block_table int64 [B, MP]; lengths int64 [B] (valid tokens,
-    stored compactly at logical positions 0..lengths-1).
+    pool [L, 2, NP, PS, KVH, Dh] (float32 or float8_e4m3fn); block_table int64 [B, MP]; lengths
+    int64 [B] (valid tokens, stored compactly at logical positions 0..lengths-1); kv_scales [L, 2]
+    (an fp8 pool's K and V scale per layer; a float32 pool ignores them).
     """
 
-    def __init__(self, pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.pool, self.block_table, self._lengths = pool, block_table, lengths
+    def __init__(self, pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+                 kv_scales: torch.Tensor) -> None:
+        self.pool, self.block_table, self._lengths, self.kv_scales = pool, block_table, lengths, kv_scales
 
     def lengths(self) -> torch.Tensor:
         return self._lengths
@@ -155,7 +158,7 @@ class PagedCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                suffix_mask: torch.Tensor) -> torch.Tensor:
         out = torch.ops.walkforge.paged_attention(q, k, v, self.pool, self.block_table, self._lengths,
-                                                  suffix_mask, layer, q.shape[-1] ** -0.5)
+                                                  suffix_mask, layer, q.shape[-1] ** -0.5, self.kv_scales)
         return out.transpose(1, 2).flatten(2)  # [B, H, S, Dh] → [B, S, H·Dh]
 
 
@@ -255,14 +258,16 @@ class Pi0Model(nn.Module):
 
     def prefill_paged(self, image_tokens: torch.Tensor, image_masks: torch.Tensor,
                       prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, kv_pool: torch.Tensor,
-                      block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill, writing the valid tokens' K/V compactly into the page pool (KVCacheWrite).
+                      block_table: torch.Tensor, kv_scales: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill, writing the valid tokens' K/V compactly into the page pool (KVCacheWrite; an
+        fp8 pool stores them quantised with kv_scales [L, 2]).
 
         Returns (the updated pool — the runtime binds it to the same buffer — and lengths [B]).
         """
         k, v, pad = self.prefill(image_tokens, image_masks, prompt_ids, prompt_mask)
         positions = torch.where(pad, torch.cumsum(pad.long(), dim=-1) - 1, -1)  # [B, P]; -1 = skip
-        pool = torch.ops.walkforge.kv_cache_write(kv_pool, k, v, block_table, positions)
+        pool = torch.ops.walkforge.kv_cache_write(kv_pool, k, v, block_table, positions, kv_scales)
         return pool, pad.long().sum(-1)
 
     def sample_actions(self, images: torch.Tensor, image_masks: torch.Tensor, prompt_ids: torch.Tensor,
@@ -418,21 +423,27 @@ class PrefillWalk(_Walk):
     parts = ("llm",)
 
     def forward(self, image_tokens: torch.Tensor, image_masks: torch.Tensor, prompt_ids: torch.Tensor,
-                prompt_mask: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prefill_paged(image_tokens, image_masks, prompt_ids, prompt_mask, kv_pool, block_table)
+                prompt_mask: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor,
+                kv_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prefill_paged(image_tokens, image_masks, prompt_ids, prompt_mask, kv_pool, block_table,
+                                  kv_scales)
 
 
 class DenoiseWalk(_Walk):
     parts = ("expert", *_HEADS)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, state: torch.Tensor,
-                kv_pool: torch.Tensor, block_table: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
-        return self.denoise_step(x_t, t, dt, state, PagedCache(kv_pool, block_table, prefix_lens))
+                kv_pool: torch.Tensor, block_table: torch.Tensor, prefix_lens: torch.Tensor,
+                kv_scales: torch.Tensor) -> torch.Tensor:
+        return self.denoise_step(x_t, t, dt, state, PagedCache(kv_pool, block_table, prefix_lens, kv_scales))
 
 
-def walks(model: Pi0Model, cfg: Pi0Config) -> Sequential:
-    """vision → prefill → Loop(denoise, num_steps): contracts with a dynamic "batch"."""
+def walks(model: Pi0Model, cfg: Pi0Config, kv_dtype: str = "float32") -> Sequential:
+    """vision → prefill → Loop(denoise, num_steps): contracts with a dynamic "batch".
+
+    `kv_dtype` is the page pool's: "float32" or "float8_e4m3fn" (stored with the per-layer
+    `kv_scales` [L, 2] that prefill and denoise take; a float32 pool ignores them).
+    """
     b, v, s = "batch", cfg.num_views, cfg.vision.image_size
     pool = (cfg.llm.layers, 2, "num_pages", PAGE_SIZE, cfg.llm.kv_heads, cfg.llm.head_dim)
     spec = {x.name: x for x in (
@@ -441,7 +452,8 @@ def walks(model: Pi0Model, cfg: Pi0Config) -> Sequential:
         TensorSpec("image_masks", "bool", (b, v)),
         TensorSpec("prompt_ids", "int64", (b, cfg.max_prompt_len)),
         TensorSpec("prompt_mask", "bool", (b, cfg.max_prompt_len)),
-        TensorSpec("kv_pool", "float32", pool), TensorSpec("kv_pool_out", "float32", pool),
+        TensorSpec("kv_pool", kv_dtype, pool), TensorSpec("kv_pool_out", kv_dtype, pool),
+        TensorSpec("kv_scales", "float32", (cfg.llm.layers, 2)),
         TensorSpec("block_table", "int64", (b, "max_pages")), TensorSpec("prefix_lens", "int64", (b,)),
         TensorSpec("x_t", "float32", (b, cfg.action_horizon, cfg.action_dim)),
         TensorSpec("t", "float32", (b,)), TensorSpec("dt", "float32", (1,)),
@@ -457,9 +469,10 @@ def walks(model: Pi0Model, cfg: Pi0Config) -> Sequential:
 
     nodes = (
         node("vision", VisionWalk, "images", "image_tokens"),
-        node("prefill", PrefillWalk, "image_tokens image_masks prompt_ids prompt_mask kv_pool block_table",
+        node("prefill", PrefillWalk,
+             "image_tokens image_masks prompt_ids prompt_mask kv_pool block_table kv_scales",
              "kv_pool_out prefix_lens", aliases={"kv_pool_out": "kv_pool"}),
-        node("denoise", DenoiseWalk, "x_t t dt state kv_pool block_table prefix_lens", "x_next"),
+        node("denoise", DenoiseWalk, "x_t t dt state kv_pool block_table prefix_lens kv_scales", "x_next"),
     )
     loop = Loop(body="denoise", count="num_steps", carry={"x_next": "x_t"}, schedule="euler")
     return Sequential(nodes=nodes, steps=("vision", "prefill", loop))
@@ -472,6 +485,8 @@ def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.d
     pages = math.ceil(cfg.prefix_len / PAGE_SIZE)  # per request; 2 requests + 1 spare page
     given["kv_pool"] = torch.randn(cfg.llm.layers, 2, 2 * pages + 1, PAGE_SIZE, cfg.llm.kv_heads,
                                    cfg.llm.head_dim, generator=torch.Generator().manual_seed(1))
+    given["kv_pool"] = given["kv_pool"].to(TORCH_POOL_DTYPES[spec["kv_pool"].dtype])
+    given["kv_scales"] = torch.ones(cfg.llm.layers, 2)
     given["block_table"] = torch.arange(2 * pages).reshape(2, pages) + 1
     given["prefix_lens"] = torch.tensor([cfg.prefix_len - 3, cfg.prefix_len // 2])
     given["x_t"] = given.pop("noise")

@@ -38,7 +38,7 @@ from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import GraphNode, Sequential, TensorSpec
 from walkforge.plugins import kv_cache_write as kvw
 from walkforge.plugins import paged_attention as pa
-from walkforge.runtimes.onnxruntime import OrtEngine, to_numpy
+from walkforge.runtimes.onnxruntime import OrtEngine, as_ort_array, to_numpy
 from walkforge.runtimes.tensorrt import loop_bodies
 
 logger = logging.getLogger(__name__)
@@ -47,29 +47,27 @@ COMPUTE_DTYPE = torch.bfloat16
 WARMUP_RUNS = 2  # eager runs before a capture: Triton JIT, cuBLAS workspaces
 MAX_CAPTURES = 8  # CUDA graphs kept per engine (batch size x block-table width)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
-                 "int32": torch.int32, "bool": torch.bool}  # fmt: skip
+                 "int32": torch.int32, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn}  # fmt: skip
 
 
 # ---------------------------------------------------------------- custom-op kernels on CUDA
 
 
 def _kv_cache_write_cuda(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
-                         positions: torch.Tensor) -> torch.Tensor:
+                         positions: torch.Tensor, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """walkforge::kv_cache_write on CUDA: a copy of `pool` written by the Triton kernel.
-    K/V are cast to the pool's dtype (bf16 K/V into a float32 pool)."""
+    K/V are cast to float32 (bf16 K/V into a float32 pool; an fp8 pool quantises from float32)."""
     out = pool.clone(memory_format=torch.contiguous_format)
-    return kvw.kv_cache_write_triton(out, k.to(pool.dtype), v.to(pool.dtype), block_table, positions)
+    return kvw.kv_cache_write_triton(out, k.float(), v.float(), block_table, positions, kv_scales)
 
 
 def _paged_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
                           block_table: torch.Tensor, prefix_lens: torch.Tensor, suffix_mask: torch.Tensor,
-                          layer: int, scale: float) -> torch.Tensor:
-    """walkforge::paged_attention on CUDA: the Triton kernel in float32 (the pool's dtype; the
-    kernel takes one float dtype), returned in q's dtype."""
-    if pool.dtype != torch.float32:
-        raise ValueError(f"paged_attention's Triton kernel reads float32 pools, got {pool.dtype}")
+                          layer: int, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """walkforge::paged_attention on CUDA: the Triton kernel in float32 over a float32 or fp8 pool,
+    returned in q's dtype."""
     out = pa.paged_attention_triton(q.float(), k.float(), v.float(), pool.contiguous(), block_table,
-                                    prefix_lens, suffix_mask, layer, scale)
+                                    prefix_lens, suffix_mask, layer, scale, kv_scales)
     return out.to(q.dtype)
 
 
@@ -270,10 +268,10 @@ class OrtCudaEngine(OrtEngine):
         if isinstance(value, ort.OrtValue) and value.device_name().lower() == "cuda":
             return value
         if name not in self.in_place:
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(to_numpy(value)), "cuda", 0)
+            return ort.OrtValue.ortvalue_from_numpy(as_ort_array(to_numpy(value)), "cuda", 0)
         held = self.resident.get(id(value))
         if held is None or held[0] is not value:
-            device = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(to_numpy(value)), "cuda", 0)
+            device = ort.OrtValue.ortvalue_from_numpy(as_ort_array(to_numpy(value)), "cuda", 0)
             held = self.resident[id(value)] = (value, device)
         return held[1]
 

@@ -2,7 +2,9 @@
 
 One buffer `[layers, 2, num_pages, page_size, kv_heads, head_dim]` (K at index 0 of dim 1, V at 1)
 plus a block table per request. Engines take the buffer as an input; the walk that writes it
-(`KVCacheWrite`) has its output bound to the very same buffer, so nothing is copied, ever.
+(`KVCacheWrite`) has its output bound to the very same buffer, so nothing is copied, ever. The
+buffer is float32, or float8_e4m3fn (ml_dtypes, 1 byte per element) for an fp8 cache, whose
+per-layer scales come with the bundle.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from walkforge.errors import WalkforgeError
+from walkforge.graphs.walk import numpy_dtype
 from walkforge.plugins.constants import PAGE_SIZE
 
 
@@ -40,7 +43,8 @@ class KVPagePool:
         self.spec = PoolSpec(layers, kv_heads, head_dim, page_size, dtype)
         self.num_pages = num_pages
         # pool: [L, 2, NP, PS, KVH, D]
-        self.buffer = np.zeros((layers, 2, num_pages, page_size, kv_heads, head_dim), dtype=dtype)
+        shape = (layers, 2, num_pages, page_size, kv_heads, head_dim)
+        self.buffer = np.zeros(shape, dtype=numpy_dtype(dtype))
         self._free = list(range(num_pages))  # a heap: the lowest free pages go out first, so a
         # pool whose requests were all freed hands out exactly what a fresh one would
         self._tables: dict[object, list[int]] = {}

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
@@ -75,9 +76,18 @@ class OrtEngine:
 
 
 def to_ortvalue(value: Value) -> ort.OrtValue:
+    """`value` as an OrtValue; a numpy array is shared, not copied, when contiguous. A float8_e4m3fn
+    array (an fp8 page pool) is bound as its uint8 view: the walks carry an fp8 pool as its bytes
+    (onnxruntime cannot Gather or ScatterND float8 tensors; see `walkforge.plugins.fp8_kv_pool`)."""
     if isinstance(value, ort.OrtValue):
         return value
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+    return ort.OrtValue.ortvalue_from_numpy(as_ort_array(value))
+
+
+def as_ort_array(value: np.ndarray) -> np.ndarray:
+    """Contiguous `value`, a float8_e4m3fn array viewed as its uint8 bytes (no copy)."""
+    value = np.ascontiguousarray(value)
+    return value.view(np.uint8) if value.dtype == ml_dtypes.float8_e4m3fn else value
 
 
 def to_numpy(value: Value) -> np.ndarray:

@@ -3,7 +3,9 @@
 The policy owns one KV page pool. Each call allocates pages for every request's valid prefix
 tokens, prefill writes them in place (the pool buffer is bound as both its input and its
 output), each denoise step reads them through PagedAttention, and the pages are freed when the
-call returns. The pool is never copied; only x_t moves between steps.
+call returns. The pool is never copied; only x_t moves between steps. Its dtype is the engines'
+(float32, or float8_e4m3fn for a bundle compiled with `--kv-dtype fp8`); the bundle's per-layer
+KV scales are bound on every call (ones for a float32 pool, which ignores them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ INPUTS = ("images", "image_masks", "prompt_ids", "prompt_mask", "state")
 DEFAULT_POOL_REQUESTS = 8  # the default pool holds this many full-length prefixes
 
 
+def kv_scales(manifest: Mapping[str, Any], layers: int) -> np.ndarray:
+    """float32 [layers, 2]: the bundle's calibrated K/V scale per layer, ones where it has none."""
+    scales = (manifest.get("kv_cache") or {}).get("scales")
+    return np.ones((layers, 2), np.float32) if scales is None else np.asarray(scales, np.float32)
+
+
 class Pi0Policy(Runner):
     """A compiled pi0 policy. Shapes: images (B, V, 3, 224, 224) float32 in [0, 1].
 
@@ -35,8 +43,11 @@ class Pi0Policy(Runner):
         layers, _, _, page_size, kv_heads, head_dim = self._spec("prefill", "kv_pool").shape
         prefix = int(self.specs("prefill")[0].shape[1]) + self.max_prompt_len  # image + prompt tokens
         pages = kv_pages or DEFAULT_POOL_REQUESTS * -(-prefix // page_size)
-        self.pool = KVPagePool(layers, kv_heads, head_dim, page_size, pages)
+        # the engines' pool dtype: the bundle's for ONNX engines, float32 for the torch reference
+        dtype = next(s.dtype for s in self.engines["prefill"].inputs if s.name == "kv_pool")
+        self.pool = KVPagePool(layers, kv_heads, head_dim, page_size, pages, dtype=dtype)
         self._pool_value = self.pool.buffer if self.backend == "torch" else to_ortvalue(self.pool.buffer)
+        self.kv_scales = kv_scales(self.manifest, layers)
         self._requests = 0
 
     @property
@@ -70,7 +81,8 @@ class Pi0Policy(Runner):
         steps = int(num_steps if num_steps is not None else self.manifest["config"]["num_steps"])
         requests = self._allocate(image_masks, prompt_mask)
         try:
-            env = dict(feeds, kv_pool=self._pool_value, block_table=self.pool.block_table(requests))
+            env = dict(feeds, kv_pool=self._pool_value, block_table=self.pool.block_table(requests),
+                       kv_scales=self.kv_scales)
             env = self.chain.run(env, {"num_steps": steps})
         finally:
             for request in requests:
