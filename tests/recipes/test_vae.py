@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_diffusers_vae
 
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import TensorSpec
@@ -23,26 +24,7 @@ TOL_TORCH_VS_DIFFUSERS = 1e-5  # relative max error: max|ours - diffusers| / max
 
 def diffusers_vae(cfg: vae.VaeConfig, seed: int = 0) -> torch.nn.Module:
     """A diffusers AutoencoderKL shaped like `cfg`, random weights, norms moved off 1/0."""
-    torch.manual_seed(seed)
-    n = len(cfg.block_out_channels)
-    model = diffusers.AutoencoderKL(
-        block_out_channels=cfg.block_out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels,
-        out_channels=cfg.out_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        use_quant_conv=cfg.use_post_quant_conv,
-        use_post_quant_conv=cfg.use_post_quant_conv,
-        mid_block_add_attention=cfg.mid_block_add_attention,
-    ).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.add_(0.3 * torch.randn_like(module.weight))
-                module.bias.add_(0.3 * torch.randn_like(module.bias))
-    return model
+    return make_diffusers_vae(cfg, seed)
 
 
 def saved(model: torch.nn.Module, folder: Path) -> Path:

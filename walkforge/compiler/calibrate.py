@@ -198,15 +198,25 @@ def _run_samples(runner: Any, collectors: Mapping[str, AmaxCollector], samples: 
         collectors[walk].update(feeds)
         first.setdefault(walk, feeds)
 
-    runner.chain.observer = observe
-    task = progress.add_task("calibrating", total=len(samples)) if progress is not None else None
-    for sample in samples:
-        runner.run(dict(sample))
-        if progress is not None:
-            progress.advance(task)
-    if progress is not None:
-        progress.remove_task(task)
+    run_observed(runner, samples, observe, progress, "calibrating")
     return first
+
+
+def run_observed(runner: Any, samples: Sequence[Mapping[str, np.ndarray]], observe: Any,
+                 progress: Any, label: str) -> None:
+    """Run front-API `samples` through `runner` with `observe(walk, inputs, seconds)` seeing
+    every engine call, under a progress task when `progress` (a live rich Progress) is given."""
+    runner.chain.observer = observe
+    task = progress.add_task(label, total=len(samples)) if progress is not None else None
+    try:
+        for sample in samples:
+            runner.run(dict(sample))
+            if progress is not None:
+                progress.advance(task)
+    finally:
+        runner.chain.observer = None
+        if progress is not None:
+            progress.remove_task(task)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from safetensors.numpy import save_file
 
+from walkforge.compiler.calibrate import run_observed
 from walkforge.compiler.check import agreement, worst
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.fp8 import fp8_scales
@@ -83,15 +84,7 @@ def _kv_amax(runner: Any, samples: Sequence[Mapping[str, np.ndarray]], progress:
             if pages.size:
                 found.append(np.abs(pool[:, :, pages]).max(axis=(2, 3, 4, 5)))
 
-    runner.chain.observer = observe
-    task = progress.add_task("calibrating KV", total=len(samples)) if progress is not None else None
-    for sample in samples:
-        runner.run(dict(sample))
-        if progress is not None:
-            progress.advance(task)
-    if progress is not None:
-        progress.remove_task(task)
-    runner.chain.observer = None
+    run_observed(runner, samples, observe, progress, "calibrating KV")
     if not found:
         raise WalkforgeError("KV calibration: no walk wrote the KV page pool")
     return np.max(found, axis=0).astype(np.float64)
