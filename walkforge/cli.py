@@ -190,6 +190,8 @@ def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, bac
 
     feeds = _read_npz(inputs_path)
     runner = load(bundle, backend)
+    if backend == "auto":
+        err.print(f"backend: {runner.backend} ({runner.backend_reason})")
     settings = {"num_steps": num_steps} if num_steps is not None else {}
     result = runner.run_walk(walk, feeds) if walk else runner.run(feeds, **settings)
     np.savez(output, **result)

@@ -7,6 +7,7 @@ contracts before any engine runs, so bad input is a one-line WalkforgeError.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,14 +20,13 @@ from walkforge.runtimes.backends import GPU_BACKENDS, gpu_engines, resolve_backe
 from walkforge.runtimes.chain import Chain
 from walkforge.runtimes.onnxruntime import OrtEngine, to_numpy
 
+log = logging.getLogger(__name__)
 BACKENDS = ("cpu", "torch", *GPU_BACKENDS, "auto")
 
 
 def make_engines(bundle: Bundle, backend: str, threads: int | None = None,
                  spinning: bool = True) -> dict[str, Any]:
-    """One engine per walk of `bundle` on `backend` (see runtimes/backends.py; `auto` resolves here)."""
-    if backend == "auto":
-        backend, _ = resolve_backend(backend, bundle.manifest)
+    """One engine per walk of `bundle` on a concrete `backend` (Runner resolves `auto`)."""
     if backend == "cpu":
         target = bundle.manifest["targets"].get("cpu")
         if target is None:
@@ -53,7 +53,11 @@ class Runner:
     def __init__(self, bundle: Bundle, backend: str = "cpu", threads: int | None = None,
                  spinning: bool = True) -> None:
         self.bundle = bundle
-        self.backend = resolve_backend(backend, bundle.manifest)[0] if backend in BACKENDS else backend
+        if backend not in BACKENDS:
+            raise WalkforgeError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+        #: the concrete backend (what `auto` picked) and why it was chosen
+        self.backend, self.backend_reason = resolve_backend(backend, bundle.manifest)
+        log.info("backend %s: %s", self.backend, self.backend_reason)
         self.manifest = bundle.manifest
         self.engines = make_engines(bundle, self.backend, threads, spinning)
         self.chain = Chain(self.engines, self.manifest["plan"])
