@@ -136,3 +136,19 @@ def test_bad_input_is_one_line_error(policy, change, message):
     with pytest.raises(WalkforgeError, match=message) as info:
         policy.run(bad(feeds, **change(feeds)))
     assert "\n" not in str(info.value)
+
+
+def test_in_place_output_is_the_callers_own_buffer(policy):
+    """An aliased output must be the caller's array itself: onnxruntime's OrtValue for it would
+    not keep a temporary numpy buffer alive (reading it later read freed memory)."""
+    seen = {}
+    policy.chain.observer = lambda walk, inputs, _s: seen.setdefault(walk, dict(inputs))
+    try:
+        policy.run(pi0.fake_inputs(pi0.VARIANTS["tiny"], batch=1, seed=14), num_steps=1)
+    finally:
+        policy.chain.observer = None
+    engine = policy.engines["prefill"]
+    feeds = {k: np.array(v.numpy() if hasattr(v, "numpy") else v) for k, v in seen["prefill"].items()}
+    pool = np.zeros_like(feeds["kv_pool"])
+    out = engine.run({**feeds, "kv_pool": pool})
+    assert out["kv_pool_out"] is pool and np.abs(pool).max() > 0

@@ -19,6 +19,8 @@ from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import numpy_dtype
 from walkforge.plugins.constants import PAGE_SIZE
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
 
 @dataclass(frozen=True)
 class PoolSpec:
@@ -78,3 +80,22 @@ class KVPagePool:
             pages = self._tables[request]
             table[row, : len(pages)] = pages
         return table
+
+
+def encode_pool(pool: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """An fp32 pool [L, 2, ...] as an fp8 (E4M3) pool with per-layer K/V `scales` [L, 2]:
+    saturate(x / scale), rounded to nearest even — what KVCacheWrite stores."""
+    import ml_dtypes
+
+    s = np.asarray(scales, np.float32).reshape(*scales.shape, *([1] * (pool.ndim - 2)))
+    return np.clip(pool / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def decode_pool(pool: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """An fp8 pool (float8_e4m3fn, or its uint8 bytes) back to fp32 values: fp8 · scale."""
+    import ml_dtypes
+
+    if pool.dtype == np.uint8:
+        pool = pool.view(ml_dtypes.float8_e4m3fn)
+    s = np.asarray(scales, np.float32).reshape(*scales.shape, *([1] * (pool.ndim - 2)))
+    return pool.astype(np.float32) * s

@@ -72,7 +72,12 @@ class OrtEngine:
         except Exception as exc:
             raise WalkforgeError(f"walk '{self.name}' failed in onnxruntime: "
                                  f"{str(exc).splitlines()[0]}") from None
-        return dict(zip((s.name for s in self.outputs), binding.get_outputs(), strict=True))
+        outputs = dict(zip((s.name for s in self.outputs), binding.get_outputs(), strict=True))
+        for out, inp in self.aliases.items():
+            # Written in place: hand back the caller's own buffer. The binding's OrtValue for it
+            # does not keep a numpy array alive, so it could outlive (and read freed) memory.
+            outputs[out] = env[inp]
+        return outputs
 
 
 def to_ortvalue(value: Value) -> ort.OrtValue:

@@ -11,6 +11,7 @@ from walkforge.artifacts.bundle import Bundle
 from walkforge.compiler.check import agreement, worst
 from walkforge.runtimes.front import load
 from walkforge.runtimes.inputs import example_inputs
+from walkforge.runtimes.kv_pool import decode_pool, encode_pool
 from walkforge.runtimes.runner import to_numpy_any
 
 CALLS_PER_WALK = 3  # per-walk agreement looks at the first few calls of each walk (loop steps)
@@ -44,6 +45,18 @@ def _walk_agreement(engine: Any, reference: Any, envs: list[dict[str, np.ndarray
     results = []
     for env in envs:
         ref = {k: to_numpy_any(v) for k, v in reference.run(env).items()}
-        out = {k: to_numpy_any(v) for k, v in engine.run(dict(env)).items()}
-        results += [agreement(out[k], ref[k]) for k in ref if ref[k].dtype.kind == "f"]
+        out = {k: to_numpy_any(v) for k, v in engine.run(_as_engine_inputs(engine, env)).items()}
+        for k in ref:
+            if ref[k].dtype.kind == "f":  # an fp8 pool is compared by its values
+                got = decode_pool(out[k], env["kv_scales"]) if out[k].dtype != ref[k].dtype else out[k]
+                results.append(agreement(got, ref[k]))
     return worst(results).to_json()
+
+
+def _as_engine_inputs(engine: Any, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference's inputs in the engine's dtypes: its fp32 page pool becomes an fp8 one."""
+    feeds = dict(env)
+    for spec in engine.inputs:
+        if spec.dtype == "float8_e4m3fn" and feeds[spec.name].dtype == np.float32:
+            feeds[spec.name] = encode_pool(feeds[spec.name], env["kv_scales"])
+    return feeds
