@@ -108,3 +108,12 @@ def test_fp8_weights_and_fp8_kv(tmp_path):
     feeds = pi0.fake_inputs(pi0.VARIANTS["tiny"], batch=2, seed=5)
     got = walkforge.load(out, spinning=False).run(feeds)["actions"]
     assert cosine(got, reference(bundle, feeds)) >= COSINE["weights+kv"]
+
+
+def test_reuse_calibration_takes_the_kv_scales_too(bundle, tmp_path):
+    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+
+    again = compile_bundle(CompileRequest("pi0", tmp_path / "again", variant="tiny", seed=3,
+                                          kv_dtype="fp8", gpu_archs=(), reuse_calibration=bundle.root))
+    assert again["kv_cache"]["scales"] == bundle.manifest["kv_cache"]["scales"]
+    assert again["kv_cache"]["reused_from"] == str(bundle.root)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,25 +37,25 @@ POOL = "kv_pool"
 SCALES_FILE = "calib/kv_scales.safetensors"
 
 
-def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], progress: Any = None
-                 ) -> tuple[dict[str, Any], dict[str, int]]:
+def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], progress: Any = None,
+                 reuse: Path | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     """Measure per-layer KV scales on the fp32 engines and make the bundle's pool fp8 (module doc).
 
     Modifies the staged walks and `bundle.manifest["walks"]`; returns (the manifest's "kv_cache"
-    entry, counts).
+    entry, counts). `reuse`: take the per-layer amax from an earlier bundle with the same weights.
     """
     from walkforge.runtimes.front import load
 
     if not samples:
         raise WalkforgeError("KV calibration got no samples")
     runner = load(bundle, "cpu", spinning=False)
-    amax = _kv_amax(runner, samples, progress)
+    amax = _kv_amax(runner, samples, progress) if reuse is None else _reused_amax(reuse, bundle.manifest)
     scales = np.asarray(fp8_scales({"kv": amax})["kv"], np.float32).reshape(amax.shape)
     fp32_actions = [runner.run(dict(samples[0]))]
     del runner
     retyped = {name: _fp8_pool_walk(bundle, name) for name, walk in bundle.manifest["walks"].items()
                if any(s["name"] == POOL for s in walk["inputs"])}  # fmt: skip
-    meta = {"samples": len(samples), "method": "max"}
+    meta = {"samples": len(samples), "method": "max"} if reuse is None else {"reused_from": str(reuse)}
     bundle.path(SCALES_FILE).parent.mkdir(exist_ok=True)
     save_file({"kv_scales": scales, "kv_amax": amax.astype(np.float32)}, str(bundle.path(SCALES_FILE)),
               metadata={k: json.dumps(v) for k, v in meta.items()})  # fmt: skip
@@ -103,3 +104,12 @@ def _fp8_pool_walk(bundle: Any, name: str) -> int:
         if spec["name"] in retyped:
             spec["dtype"] = FP8_POOL_DTYPE
     return counts["kv_pool_fp8"]
+
+
+def _reused_amax(old: Path, manifest: Mapping[str, Any]) -> np.ndarray:
+    from walkforge.compiler.quantize import reusable_manifest
+
+    kv = reusable_manifest(old, manifest).get("kv_cache")
+    if not kv:
+        raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8 KV calibration")
+    return np.asarray(kv["amax"], np.float64)

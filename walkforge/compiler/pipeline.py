@@ -235,8 +235,9 @@ def kv_cache(job: Job) -> dict[str, int]:
     if req.kv_dtype == "fp32":
         return {}
     bundle = Bundle(job.stage_dir, job.manifest)
-    samples = calibration_samples(bundle, req.calib_data, req.calib_samples, req.seed)
-    entry, counts = calibrate_kv(bundle, samples, job.progress.bar)
+    count = 1 if req.reuse_calibration else req.calib_samples  # reused: one sample, for the check
+    samples = calibration_samples(bundle, req.calib_data, count, req.seed)
+    entry, counts = calibrate_kv(bundle, samples, job.progress.bar, req.reuse_calibration)
     job.manifest["precision"]["kv"] = "fp8_e4m3"
     job.progress.say(f"fp8 KV cache: actions vs fp32 pool cosine {entry['vs_fp32']['cosine']:.6f}")
     return counts

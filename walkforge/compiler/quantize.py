@@ -101,13 +101,19 @@ def collected_scales(runner: Any, fp32: Mapping[str, onnx.ModelProto], paths: Ma
     return scales, meta | ({"percentile": opts.percentile} if opts.method == "percentile" else {})
 
 
-def reused_scales(old: Path, manifest: Mapping[str, Any]) -> tuple[Scales, dict[str, Any]]:
-    """Scales of an earlier bundle; refused unless its weights fingerprint and walks match."""
+def reusable_manifest(old: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest of an earlier bundle whose calibration may be reused: same weights only."""
     theirs = read_manifest(Path(old))
     mine, their_fp = manifest["weights"]["fingerprint"], theirs["weights"]["fingerprint"]
     if their_fp != mine:
         raise WalkforgeError(f"--reuse-calibration {old}: its weights fingerprint {their_fp[:19]}… "
                              f"differs from this compile's {mine[:19]}…")
+    return theirs
+
+
+def reused_scales(old: Path, manifest: Mapping[str, Any]) -> tuple[Scales, dict[str, Any]]:
+    """Scales of an earlier bundle; refused unless its weights fingerprint and walks match."""
+    theirs = reusable_manifest(old, manifest)
     calibration = (theirs.get("precision") or {}).get("calibration")
     if not calibration or calibration.get("scales") != SCALES_FILE:
         raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8 calibration")
