@@ -13,9 +13,8 @@ to the cached prefix K/V followed by its own K/V. t = 1 is noise, t = 0 is data.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from walkforge.plugins import kv_cache_write, paged_attention  # noqa: F401  reg
 from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.recipes.blocks.gemma import Gemma, GemmaConfig, attend, layer_finish, layer_qkv, rope
 from walkforge.recipes.blocks.siglip import SiglipConfig, SiglipVision
-from walkforge.recipes.weights import KeyMap, read_safetensors
+from walkforge.recipes.weights import KeyMap
 
 NAME = "pi0"
 TORCH_POOL_DTYPES = {"float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -312,66 +311,12 @@ KEY_MAP = KeyMap(
 )
 
 
-def _shape(tensors: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if key not in tensors:
-        raise WalkforgeError(f"checkpoint is missing '{key}': not a LeRobot pi0 checkpoint?")
-    return tuple(tensors[key].shape)
-
-
-def _depth(tensors: dict[str, torch.Tensor], prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
-
-
-def _infer_siglip(t: dict[str, torch.Tensor]) -> SiglipConfig:
-    """Sizes from shapes; heads are not in any shape: a known variant's, else So400m's 72/head."""
-    width, _, patch, _ = _shape(t, _VIS + "embeddings.patch_embedding.weight")
-    side = math.isqrt(_shape(t, _VIS + "embeddings.position_embedding.weight")[0])
-    cfg = SiglipConfig(width, _depth(t, _VIS + "encoder.layers."), 0,
-                       _shape(t, _VIS + "encoder.layers.0.mlp.fc1.weight")[0], patch, side * patch)
-    known = [v.vision.heads for v in VARIANTS.values() if replace(v.vision, heads=0) == cfg]
-    return replace(cfg, heads=known[0] if known else max(1, width // 72))
-
-
-def _infer_gemma(t: dict[str, torch.Tensor], prefix: str, vocab: int) -> GemmaConfig:
-    """Sizes from shapes; head_dim is not in any shape: a known variant's, else Gemma's 256."""
-    q_out, width = _shape(t, prefix + "layers.0.self_attn.q_proj.weight")
-    kv_out = _shape(t, prefix + "layers.0.self_attn.k_proj.weight")[0]
-    mlp = _shape(t, prefix + "layers.0.mlp.gate_proj.weight")[0]
-    layers = _depth(t, prefix + "layers.")
-    for g in [v.llm for v in VARIANTS.values()] + [v.expert for v in VARIANTS.values()]:
-        if (g.width, g.layers, g.heads * g.head_dim, g.kv_heads * g.head_dim, g.mlp) == (
-                width, layers, q_out, kv_out, mlp):
-            return replace(g, vocab=vocab)
-    if q_out % 256 or kv_out % 256:
-        raise WalkforgeError(f"cannot infer the head size of '{prefix}' (q {q_out}, kv {kv_out})")
-    return GemmaConfig(width, layers, q_out // 256, kv_out // 256, 256, mlp, vocab)
-
-
 def read_checkpoint(folder: Path) -> tuple[Pi0Config, dict[str, torch.Tensor]]:
-    """Read a LeRobot pi0 folder (config.json + model.safetensors) → (config, tensors).
+    """A LeRobot pi0 policy folder (config.json + model.safetensors): its config (sizes inferred
+    from tensor shapes, see recipes/lerobot_pi0.py) and its tensors, for `load_strict` + KEY_MAP."""
+    from walkforge.recipes.lerobot_pi0 import read_checkpoint as read
 
-    Sizes come from tensor shapes; horizon, prompt length, steps and cameras from config.json.
-    """
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise WalkforgeError(f"{folder}: no config.json (expected a LeRobot pi0 folder)") from None
-    tensors = read_safetensors(folder)
-    features = meta.get("input_features") or {}
-    views = sum(1 for f in features.values() if f.get("type") == "VISUAL") + meta.get("empty_cameras", 0)
-    cfg = Pi0Config(
-        vision=_infer_siglip(tensors),
-        llm=_infer_gemma(tensors, _LLM, _shape(tensors, _LLM + "embed_tokens.weight")[0]),
-        expert=_infer_gemma(tensors, _EXP, 0),
-        num_views=views or 3,
-        max_prompt_len=meta.get("tokenizer_max_length", 48),
-        action_horizon=meta.get("chunk_size", 50),
-        action_dim=_shape(tensors, "model.action_in_proj.weight")[1],
-        state_dim=_shape(tensors, "model.state_proj.weight")[1],
-        num_steps=meta.get("num_steps", 10),
-    )
-    return cfg, tensors
+    return read(folder)
 
 
 # --- walks and inputs --------------------------------------------------------------------
