@@ -317,6 +317,9 @@ def _show_checks(console: Console, result: Result) -> None:
 
 
 def _show_update(console: Console, result: Result) -> None:
+    if not result.checks:
+        console.print(f"unchanged: {result.golden_path}", soft_wrap=True)
+        return
     if all(c.golden is None for c in result.checks):
         console.print(f"[green]wrote[/green] new golden {result.golden_path} ({len(result.checks)} fields)",
                       soft_wrap=True)
