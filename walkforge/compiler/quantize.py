@@ -72,15 +72,20 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
         scales, meta = collected_scales(runner, fp32, paths, samples, opts, progress)
     del runner  # its sessions read the fp32 files about to be rewritten
     save_scales(bundle.path(SCALES_FILE), scales, meta)
-    excluded: dict[str, set[str]] = {name: set() for name in paths}
-    ranking: list[tuple[str, str, float]] | None = None
-    while True:
+    ranking: list[tuple[str, str, float]] = []
+
+    def attempt(n: int) -> tuple[dict[str, set[str]], dict[str, int], dict[str, float]]:
+        """Quantise with the n most sensitive nodes kept in fp32 (written to the bundle)."""
+        excluded: dict[str, set[str]] = {name: set() for name in paths}
+        for walk, node, _ in ranking[:n]:
+            excluded[walk].add(node)
         counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude)
-        e2e = _end_to_end(bundle, held_out, reference)
-        if opts.min_cosine is None or e2e["cosine"] >= opts.min_cosine:
-            break
-        ranking = ranking or sensitivity_ranking(fp32, scales, first)
-        _exclude_more(excluded, ranking, opts.min_cosine, e2e["cosine"])
+        return excluded, counts, _end_to_end(bundle, held_out, reference)
+
+    excluded, counts, e2e = attempt(0)
+    if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
+        ranking = sensitivity_ranking(fp32, scales, first)
+        excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e)
     entry = {**meta, "scales": SCALES_FILE, "end_to_end": e2e,
              "gate": {"min_cosine": opts.min_cosine,
                       "excluded": sorted(f"{w}:{n}" for w, names in excluded.items() for n in names)}}
@@ -164,15 +169,29 @@ def sensitivity_ranking(fp32: Mapping[str, onnx.ModelProto], scales: Scales,
     return sorted(ranking, key=lambda item: item[2])
 
 
-def _exclude_more(excluded: dict[str, set[str]], ranking: list[tuple[str, str, float]],
-                  gate: float, now: float) -> None:
-    """Exclude the next most sensitive nodes: as many as are excluded already (at least one)."""
-    left = [(w, n) for w, n, _ in ranking if n not in excluded[w]]
-    if not left:
-        raise WalkforgeError(f"FP8 gate {gate} not reached (end-to-end cosine {now:.6f}) even with every "
-                             "quantisable node excluded")
-    for walk, node in left[: max(1, sum(map(len, excluded.values())))]:
-        excluded[walk].add(node)
+def _fewest_exclusions(attempt: Any, total: int, gate: float, ungated: dict[str, float]) -> tuple:
+    """Smallest n whose `attempt(n)` reaches the gate: double n until it holds, then bisect
+    (assumes accuracy grows with n, true in practice as the ranking is most-sensitive first).
+    The bundle is left quantised as the returned attempt."""
+    failing, n = 0, 1
+    while True:
+        result = attempt(min(n, total))
+        if result[2]["cosine"] >= gate:
+            break
+        if n >= total:
+            raise WalkforgeError(f"FP8 gate {gate} not reached (end-to-end cosine "
+                                 f"{result[2]['cosine']:.6f}, {ungated['cosine']:.6f} with no layer "
+                                 "excluded) even with every quantisable node kept in fp32")
+        failing, n = n, 2 * n
+    passing, best = min(n, total), result
+    while passing - failing > 1:
+        mid = (failing + passing) // 2
+        result = attempt(mid)
+        if result[2]["cosine"] >= gate:
+            passing, best = mid, result
+        else:
+            failing = mid
+    return best if result is best else attempt(passing)
 
 
 def _quantize_all(bundle: Bundle, fp32: Mapping[str, onnx.ModelProto], scales: Scales,
