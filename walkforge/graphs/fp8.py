@@ -33,10 +33,10 @@ import onnx
 from onnx import numpy_helper
 
 from walkforge.errors import WalkforgeError
+from walkforge.plugins.constants import FP8_MAX
 
 log = logging.getLogger(__name__)
 
-FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN
 FP8 = onnx.TensorProto.FLOAT8E4M3FN
 MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
 GEMM_OPS = ("MatMul", "Gemm", "Conv")

@@ -20,10 +20,9 @@ POOL_K, POOL_V = 0, 1
 
 MAX_HEAD_DIM = 256
 """Largest head_dim the Triton kernels are built for (a constexpr, padded to a power of two)."""
-MAX_PAGE_SIZE = 256
 
 FP8_MAX = 448.0
-"""Largest finite float8_e4m3fn: fp8 pool writes saturate to +-FP8_MAX."""
+"""Largest finite float8_e4m3fn: FP8 weights, activations and pool writes saturate to ±FP8_MAX."""
 FP8_KERNEL_SUFFIX = "_fp8"
 """Appended to a kernel's AOT record name when it was compiled for an fp8 pool."""
 FP8_POOL_DTYPE = "float8_e4m3fn"

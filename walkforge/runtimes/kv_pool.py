@@ -17,9 +17,7 @@ import numpy as np
 
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import numpy_dtype
-from walkforge.plugins.constants import PAGE_SIZE
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from walkforge.plugins.constants import FP8_MAX, PAGE_SIZE
 
 
 @dataclass(frozen=True)
