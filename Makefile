@@ -2,10 +2,10 @@
 PYTHON ?= python3
 STAMP := build/.installed
 
-.PHONY: install demo test test-fast lint bench regress goldens gpu-check clean
+.PHONY: install demo test test-fast lint bench regress goldens gpu-check gpu-bench clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[cpu,compile,dev]'
 	@mkdir -p build && touch $(STAMP)
 
 install: $(STAMP)
@@ -33,17 +33,36 @@ bench: $(STAMP)
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small --precision fp8 -o build/pi0-small-fp8 --force
 	$(PYTHON) -m walkforge.cli verify build/pi0-small-fp8 --report reports
 
-## Recipe regression vs tests/goldens (CI). `make goldens` rewrites them after an intended change.
+## Recipe regression vs walkforge/tools/goldens (CI). `make goldens` rewrites them after an intended change.
 regress: $(STAMP)
 	$(PYTHON) -m walkforge.cli regress
 
 goldens: $(STAMP)
 	$(PYTHON) -m walkforge.cli regress --update-goldens
 
-## GPU checks on a CUDA machine (no install step: the lent GPU machines have no network and
-## their own torch/Triton; put onnxruntime-gpu first on PYTHONPATH to include the cuda target).
+## GPU checks on a CUDA machine: the gpu-marked tests, then gpu-bench: verify and bench of a pi0
+## bundle on each GPU backend this machine runs (one that cannot says why in one line and is left
+## out). No install step: the lent GPU machines have no network and their own torch/Triton; put
+## onnxruntime-gpu first on PYTHONPATH to include the cuda backend. GPU_VARIANT=tiny is quicker.
+GPU_VARIANT ?= small
+GPU_BUNDLE = build/pi0-$(GPU_VARIANT)-gpu
+GPU_ENV = PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH}
+WALKFORGE = $(GPU_ENV) $(PYTHON) -m walkforge.cli
+
 gpu-check:
-	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) scripts/gpu_check.py
+	$(GPU_ENV) $(PYTHON) -m pytest -m gpu tests/gpu -rs
+	$(MAKE) --no-print-directory gpu-bench
+
+gpu-bench:
+	$(WALKFORGE) compile pi0 --variant $(GPU_VARIANT) -o $(GPU_BUNDLE) --force
+	-$(WALKFORGE) build $(GPU_BUNDLE) --target trt
+	@ran=torch; for backend in torch-cuda cuda trt; do \
+	  echo "walkforge verify $(GPU_BUNDLE) --backend $$backend"; \
+	  $(WALKFORGE) verify $(GPU_BUNDLE) --backend $$backend; rc=$$?; \
+	  if [ $$rc -eq 0 ]; then ran=$$ran,$$backend; elif [ $$rc -ne 2 ]; then exit $$rc; fi; \
+	done; \
+	echo "walkforge bench $(GPU_BUNDLE) --backends $$ran"; \
+	$(WALKFORGE) bench $(GPU_BUNDLE) --backends $$ran
 
 clean:
 	rm -rf build reports

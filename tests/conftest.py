@@ -18,7 +18,7 @@ VAE_TINY_SEED = 0
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`walkforge compile vae --variant tiny`, random weights (seed 0); do not modify."""
-    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+    from walkforge import CompileRequest, compile_bundle
 
     out = tmp_path_factory.mktemp("session") / "vae-tiny"
     compile_bundle(CompileRequest("vae", out, variant="tiny", seed=VAE_TINY_SEED))
@@ -63,9 +63,9 @@ def diffusers_checkpoint() -> Callable:
     """`diffusers_checkpoint(variant, folder)` → (AutoencoderKL, folder saved as safetensors)."""
 
     def save(variant: str, folder: Path):
-        from walkforge.recipes import vae
+        from walkforge.recipes import get_recipe
 
-        model = make_diffusers_vae(vae.VARIANTS[variant])
+        model = make_diffusers_vae(get_recipe("vae").variant(variant))
         model.save_pretrained(folder, safe_serialization=True)
         return model, folder
 

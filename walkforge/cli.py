@@ -16,10 +16,10 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from walkforge import render
 from walkforge.compiler.kernels import DEFAULT_ARCHS
 from walkforge.errors import WalkforgeError
-from walkforge.runtimes.runner import BACKENDS
+from walkforge.runtimes.backends import CHOICES as BACKENDS
+from walkforge.tools import render
 
 stdout = Console()
 err = Console(stderr=True)
@@ -87,8 +87,8 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
                 reuse_calibration: Path | None, fp8_min_cosine: float | None, fp8_exclude: str,
                 kv_dtype: str, gpu_archs: str) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
-    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
-    from walkforge.compiler.progress import Progress
+    from walkforge import CompileRequest, compile_bundle
+    from walkforge.progress import Progress
 
     archs = tuple(a for a in gpu_archs.split(",") if a)
     req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force, precision,
@@ -107,13 +107,13 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
               help="JSON file of overrides to apply before printing.")
 def config_cmd(recipe: str, variant: str, config_file: Path | None) -> None:
     """Print RECIPE's config for VARIANT as JSON (the format --config accepts)."""
-    from walkforge.recipes import get_recipe, get_variant
+    from walkforge.recipes import get_recipe
     from walkforge.recipes.configs import from_dict, load_overrides, to_dict
 
-    mod = get_recipe(recipe)
-    cfg = get_variant(mod, variant)
+    spec = get_recipe(recipe)
+    cfg = spec.variant(variant)
     if config_file:
-        cfg = from_dict(mod.Config, load_overrides(config_file), cfg)
+        cfg = from_dict(spec.config, load_overrides(config_file), cfg)
     click.echo(json.dumps(to_dict(cfg), indent=2))
 
 
@@ -150,8 +150,8 @@ def inspect_cmd(bundle: Path, as_json: bool, trt_lint: bool) -> None:
               help="TensorRT optimisation profile: single (batch 1), default (batch ≤ 8), large (≤ 32).")
 def build_cmd(bundle: Path, target: str, profile: str) -> None:
     """Build BUNDLE's engines for this machine's GPU (TensorRT) and record them in the bundle."""
-    from walkforge.compiler.progress import Progress
-    from walkforge.compiler.trt import build_trt
+    from walkforge.progress import Progress
+    from walkforge.runtimes.backends.trt.build import build_trt
 
     entry = build_trt(bundle, profile, Progress(console=err))
     err.print(f"[green]built[/green] {len(entry['walks'])} TensorRT engine(s) for {entry['gpu']} "
@@ -167,7 +167,7 @@ def build_cmd(bundle: Path, target: str, profile: str) -> None:
 def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[str, ...]) -> None:
     """Write example inputs for BUNDLE (valid for `walkforge run`) to an npz."""
     from walkforge.artifacts.bundle import Bundle
-    from walkforge.runtimes.inputs import example_inputs
+    from walkforge.recipes.inputs import example_inputs
 
     feeds = example_inputs(Bundle.open(bundle), batch=batch, seed=seed, **_settings(dims))
     np.savez(output, **feeds)
@@ -186,7 +186,7 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
 def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, backend: str,
             num_steps: int | None) -> None:
     """Run BUNDLE on the arrays in an npz and write the outputs to another npz."""
-    from walkforge.runtimes.front import load
+    from walkforge.runtimes import load
 
     feeds = _read_npz(inputs_path)
     runner = load(bundle, backend)
@@ -210,11 +210,11 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
                report_dir: Path | None) -> None:
     """Compare BUNDLE's engines with the fp32 torch reference, per walk and end to end."""
     from walkforge.artifacts.bundle import Bundle
-    from walkforge.runtimes.verify import verify
+    from walkforge.tools.verify import verify
 
     result = verify(Bundle.open(bundle), backend, batch, seed)
     if report_dir is not None:
-        from walkforge.report import add_verify_report
+        from walkforge.tools.report import add_verify_report
 
         add_verify_report(result, bundle, report_dir)
     if as_json:
@@ -238,7 +238,7 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
 def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, threads: int | None,
               dims: tuple[str, ...], as_json: bool, report_dir: Path | None) -> None:
     """Per-walk and end-to-end latency (median, p90) of each backend vs the torch reference."""
-    from walkforge.runtimes.bench import bench
+    from walkforge.tools.bench import bench
 
     report = bench(bundle, tuple(backends.split(",")), warmup, iters, batch, threads, _settings(dims))
     if as_json:
@@ -246,31 +246,34 @@ def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, 
     else:
         render.show_bench(stdout, report)
     if report_dir is not None:
-        from walkforge.report import add_bench_report
+        from walkforge.tools.report import add_bench_report
 
         written = add_bench_report(report, report_dir)
         err.print(f"wrote {', '.join(map(str, written))}")
 
 
 @cli.command("regress")
-@click.option("--recipes", default="vae,pi0", show_default=True,
-              help="Comma-separated recipes; each compiles its tiny variant at every precision it supports.")
+@click.option("--recipes", default=None,
+              help="Comma-separated recipes (default: every registered recipe); each compiles its tiny "
+                   "variant at every precision it declares.")
 @click.option("--goldens", "goldens_dir", type=click.Path(path_type=Path),
-              help="Folder of <recipe>-tiny-<precision>.json goldens (default: the repo's tests/goldens).")
+              help="Folder of <recipe>-tiny-<precision>.json goldens (default: the ones shipped in "
+                   "walkforge/tools/goldens).")
 @click.option("--update-goldens", is_flag=True,
               help="Write the goldens from this run and print what changed, instead of checking.")
 @click.option("--workdir", type=click.Path(path_type=Path),
               help="Keep the compiled bundles here (default: a temporary folder, removed after).")
-def regress_cmd(recipes: str, goldens_dir: Path | None, update_goldens: bool, workdir: Path | None) -> None:
+def regress_cmd(recipes: str | None, goldens_dir: Path | None, update_goldens: bool,
+                workdir: Path | None) -> None:
     """Compile each recipe's tiny variant, run fixed inputs and compare with the goldens.
 
     Exits 1 when a metric (output statistics, accuracy vs torch, op counts, bundle size,
     weights fingerprint) moved beyond its tolerance or a golden is missing.
     """
-    from walkforge.compiler.progress import Progress
-    from walkforge.regress import GOLDENS, regress, show_report
+    from walkforge.progress import Progress
+    from walkforge.tools.regress import GOLDENS, regress, show_report
 
-    report = regress(recipes.split(","), goldens_dir or GOLDENS, update_goldens, workdir,
+    report = regress(recipes.split(",") if recipes else None, goldens_dir or GOLDENS, update_goldens, workdir,
                      Progress(console=err))
     show_report(stdout, report)
     if not report.ok:
@@ -282,7 +285,7 @@ def regress_cmd(recipes: str, goldens_dir: Path | None, update_goldens: bool, wo
               type=click.Path(path_type=Path), help="Where to write the demo bundle.")
 def demo_cmd(out: Path) -> None:
     """Compile the tiny pi0 recipe, run it, and print actions, parity and latency."""
-    from walkforge.demo import demo
+    from walkforge.tools.demo import demo
 
     demo(out, stdout)
 

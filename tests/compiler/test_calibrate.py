@@ -11,7 +11,9 @@ import torch
 from onnx import helper, numpy_helper
 from rich.console import Console
 from rich.progress import Progress
+from tolerances import fp32_tol
 
+from walkforge import runtimes
 from walkforge.compiler.calibrate import (
     activation_inputs,
     collect_amax,
@@ -26,6 +28,11 @@ RNG = np.random.default_rng(0)
 WC = RNG.standard_normal((3, 2, 3, 3)).astype(np.float32)  # Conv [O, I, kh, kw]
 W1 = RNG.standard_normal((48, 8)).astype(np.float32)  # MatMul [K, N]
 W2 = RNG.standard_normal((5, 8)).astype(np.float32)  # Gemm transB=1: [N, K]
+# amax from onnxruntime's activations vs from torch/numpy's, relative: the longest path sums the
+# conv's 2·3·3 terms then the MatMul's 48 (7.7e-6); a max over the wrong tensor or one sample is 1e-1 off
+AMAX_RTOL = fp32_tol(2 * 3 * 3 + 48)
+FP8_COSINE_MIN = 0.98  # ungated fp8 tiny VAE vs fp32 (measured ≈ 0.993); scale-free, so any CPU
+GATE_COSINE = 0.999  # what the gate test asks for: above the ungated 0.993, so the gate must act
 
 
 def tiny_model() -> onnx.ModelProto:
@@ -64,7 +71,7 @@ def test_max_amax_is_max_abs_over_all_samples() -> None:
     amax = collect_amax(tiny_model(), samples)
     for name in ("x", "f", "r"):
         want = max(np.abs(intermediates(s["x"])[name]).max() for s in samples)
-        assert amax[name] == pytest.approx(want, rel=1e-5)
+        assert amax[name] == pytest.approx(want, rel=AMAX_RTOL, abs=0)
 
 
 def test_percentile_is_at_most_max_and_close_to_exact() -> None:
@@ -76,7 +83,8 @@ def test_percentile_is_at_most_max_and_close_to_exact() -> None:
             values = np.concatenate([np.abs(intermediates(s["x"])[name]).ravel() for s in samples])
             exact = np.percentile(values, pct, method="higher")
             assert got[name] <= amax[name]
-            assert exact <= got[name] <= exact * 2 ** (1 / 64) * (1 + 1e-6)  # one histogram bin
+            bin_ratio = 2 ** (1 / 64)  # 64 bins per octave: at most one bin above the exact value
+            assert exact * (1 - AMAX_RTOL) <= got[name] <= exact * bin_ratio * (1 + AMAX_RTOL)
 
 
 def test_weight_amax_is_per_output_channel() -> None:
@@ -124,7 +132,7 @@ def test_bad_method_is_a_user_error() -> None:
 
 @pytest.fixture(scope="module")
 def vae_fp32(tmp_path_factory):
-    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+    from walkforge import CompileRequest, compile_bundle
 
     out = tmp_path_factory.mktemp("fp8") / "vae"
     compile_bundle(CompileRequest("vae", out))
@@ -143,14 +151,14 @@ def staged_copy(src, dst):
 @pytest.mark.slow
 def test_quantize_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path, vae_fp32) -> None:
     from walkforge.compiler.quantize import SCALES_FILE, Fp8Options, load_scales, quantize_bundle
-    from walkforge.runtimes.inputs import example_inputs
+    from walkforge.recipes.inputs import example_inputs
 
     bundle = staged_copy(vae_fp32, tmp_path / "vae")
     samples = [example_inputs(bundle, batch=2, seed=100 + k) for k in range(2)]
-    entry, counts = quantize_bundle(bundle, samples, Fp8Options("percentile", 99.9))
+    entry, counts = quantize_bundle(bundle, samples, Fp8Options("percentile", 99.9), runtimes)
     assert counts["quantized_conv"] > 0 and counts["qdq_pairs"] > 0
     assert entry["samples"] == 2 and entry["calls"] == {"decode": 2}
-    assert 0.98 < entry["end_to_end"]["cosine"] < 1.0  # random weights, every conv but first/last fp8
+    assert FP8_COSINE_MIN < entry["end_to_end"]["cosine"] < 1.0  # every conv but first/last is fp8
     assert entry["scales"] == SCALES_FILE and entry["gate"]["excluded"] == []
     scales, meta = load_scales(bundle.path(SCALES_FILE))
     act, weights = scales["decode"]
@@ -165,18 +173,18 @@ def test_quantize_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path, vae
 @pytest.mark.slow
 def test_gate_keeps_sensitive_layers_in_fp32_until_it_holds(tmp_path, vae_fp32) -> None:
     from walkforge.compiler.quantize import Fp8Options, quantize_bundle
-    from walkforge.runtimes.inputs import example_inputs
+    from walkforge.recipes.inputs import example_inputs
 
     bundle = staged_copy(vae_fp32, tmp_path / "vae")
     samples = [example_inputs(bundle, batch=2, seed=100)]
-    entry, counts = quantize_bundle(bundle, samples, Fp8Options(min_cosine=0.999))
-    assert entry["end_to_end"]["cosine"] >= 0.999  # ungated it is ≈ 0.993 on these random weights
+    entry, counts = quantize_bundle(bundle, samples, Fp8Options(min_cosine=GATE_COSINE), runtimes)
+    assert entry["end_to_end"]["cosine"] >= GATE_COSINE  # ungated it is ≈ 0.993 on these random weights
     assert entry["gate"]["excluded"] and all(e.startswith("decode:") for e in entry["gate"]["excluded"])
     assert counts["skipped_excluded"] == len(entry["gate"]["excluded"])
 
 
 def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
-    from walkforge.compiler.pipeline import CompileRequest, compile_bundle
+    from walkforge import CompileRequest, compile_bundle
     from walkforge.compiler.quantize import SCALES_FILE
     from walkforge.compiler.quantize import load_scales as load_bundle_scales
 

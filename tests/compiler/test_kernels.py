@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
+from walkforge import CompileRequest, compile_bundle
 from walkforge.artifacts.bundle import Bundle
-from walkforge.compiler.pipeline import CompileRequest, compile_bundle
 from walkforge.errors import WalkforgeError
 
 

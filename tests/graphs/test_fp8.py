@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from tolerances import FP32_EPS
 
 from walkforge.compiler.calibrate import collect_amax, per_layer_sensitivity, weight_amax
 from walkforge.compiler.check import agreement
@@ -21,10 +22,15 @@ from walkforge.graphs.fp8 import (
     quantize_fp8,
     weight_uses,
 )
+from walkforge.graphs.ort import session_options
 from walkforge.graphs.walk import GraphNode, TensorSpec
-from walkforge.runtimes.onnxruntime import session_options
 
 COSINE_MIN = 0.999  # fp8 vs fp32 on held-out inputs; residual branches keep the error small
+COSINE_MIN_MLP = 0.995  # a plain 3-Linear GELU MLP, no residual: its fp8 errors compound
+# E4M3 rounding of a weight w with scale s (amax / 448): |error| ≤ |w|·2**-4 for normal values (3
+# mantissa bits), ≤ s·2**-10 for subnormals (2**-9 apart); rounding the scale and the product adds eps
+E4M3_HALF_STEP = 2.0**-4
+E4M3_SUBNORMAL_HALF_STEP = 2.0**-10
 
 
 class Net(torch.nn.Module):
@@ -119,8 +125,9 @@ def test_weights_round_to_fp8_grid(fp32, scales) -> None:
     q = inits["conv.weight_fp8"]
     assert q.dtype == ml_dtypes.float8_e4m3fn and "conv.weight" not in inits
     back = q.astype(np.float32) * inits["conv.weight_fp8_scale"][:, None, None, None]
-    assert np.abs(back).max() <= np.abs(want).max() * 1.0001
-    np.testing.assert_allclose(back, want, rtol=0.0625, atol=np.abs(want).max() / 448 * 2 ** -6)
+    assert np.abs(back).max() <= np.abs(want).max() * (1 + 2 * FP32_EPS)  # amax maps to 448 exactly
+    np.testing.assert_allclose(back, want, rtol=E4M3_HALF_STEP,
+                               atol=np.abs(want).max() / 448 * E4M3_SUBNORMAL_HALF_STEP)
 
 
 def test_onnxruntime_agrees_with_fp32(fp32, scales) -> None:
@@ -165,7 +172,7 @@ def test_linear_transpose_folded_with_optimize_false() -> None:
     inits = {t.name: t for t in model.graph.initializer}
     assert list(inits["0.weight_fp8"].dims) == [8, 32]  # stored [K, N], DQ axis 1
     assert "0.weight" not in inits
-    assert agreement(run(model, feeds[0]), run(fp32, feeds[0])).cosine > 0.995
+    assert agreement(run(model, feeds[0]), run(fp32, feeds[0])).cosine > COSINE_MIN_MLP
 
 
 def test_tied_embedding_head_is_skipped() -> None:

@@ -7,7 +7,17 @@ import hashlib
 import pytest
 import triton
 
-from walkforge.plugins.aot import compile_kernels, parse_arch, ptx_isa, ptx_param_count
+from walkforge.plugins import kv_cache_write as kvw
+from walkforge.plugins import paged_attention as pa
+from walkforge.plugins.aot import (
+    compile_kernels,
+    eval_grid,
+    kernel_name,
+    op_of_kernel,
+    parse_arch,
+    ptx_isa,
+    ptx_param_count,
+)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
@@ -34,3 +44,36 @@ def test_parse_helpers():
         parse_arch("gfx90a")
     ptx = "//\n.version 8.7\n.target sm_90\n.visible .entry f(\n.param .u64 f_0,\n.param .u32 f_1\n)\n{"
     assert ptx_isa(ptx) == "8.7" and ptx_param_count(ptx, "f") == 2
+
+
+def test_eval_grid_takes_constexprs_shapes_and_a_symbolic_cdiv():
+    config = pa.launch_config(8, 1, 256, 16, 256**-0.5)  # BLOCK_M = 16
+    assert eval_grid(pa.GRID_RULE, {"q": (2, 8, 33, 256)}, config) == (3, 8, 2)
+    calls = []
+
+    def cdiv(a, b):  # what TensorRT's trtp.cdiv gets: its shape expressions and the constexpr
+        calls.append((a, b))
+        return f"cdiv({a}, {b})"
+
+    shapes = {"q": ("B", "H", "S", "D")}
+    assert eval_grid(pa.GRID_RULE, shapes, config, cdiv=cdiv) == ("cdiv(S, 16)", "H", "B")
+    assert calls == [("S", 16)]
+    assert eval_grid(kvw.GRID_RULE, {"k": ("L", "B", "KVH", "S", "D")}, {}) == ("S", "B", 1)
+
+
+@pytest.mark.parametrize(("rule", "error"), [
+    ("(X,): X = t.size(0)", "is not 'NAME = tensor.shape"),
+    ("(1, 1, 1, 1)", "has 4 dims"),
+    ("(X ** 2,): X = t.shape[0]", "unsupported grid expression"),
+])  # fmt: skip
+def test_eval_grid_refuses_what_it_cannot_evaluate(rule, error):
+    with pytest.raises(ValueError, match=error):
+        eval_grid(rule, {"t": (3,)}, {})
+
+
+def test_records_name_their_op_for_both_pool_dtypes():
+    for op in (kvw, pa):
+        assert op_of_kernel(op.AOT.name) is op
+        assert op_of_kernel(kernel_name(op.AOT.name, "float8_e4m3fn")) is op
+    with pytest.raises(ValueError, match="no walkforge op has kernel 'nope'"):
+        op_of_kernel("nope")

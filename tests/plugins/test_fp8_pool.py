@@ -9,8 +9,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from plugin_cases import ALL_CASES, dense_attention, dense_kv_write, dequantize, fp8_pool, make_inputs
+from plugin_cases import (
+    ALL_CASES,
+    case_tol,
+    dense_attention,
+    dense_kv_write,
+    dequantize,
+    fp8_pool,
+    make_inputs,
+)
 from test_onnx_export import EXAMPLE, _walk
+from tolerances import cosine, rel_err
 from walk_module import INPUT_NAMES, OUTPUT_NAMES
 
 from walkforge.plugins import attach_functions, fp8_kv_pool, pool_is_fp8
@@ -18,14 +27,11 @@ from walkforge.plugins.aot import compile_kernels
 from walkforge.plugins.kv_cache_write import kv_cache_write
 from walkforge.plugins.paged_attention import paged_attention
 
-COSINE = 0.999  # fp8 pool vs the unquantised float64 reference
-DEQUANT_TOL = 1e-5  # attention over the fp8 pool vs float64 attention over its dequantised values
+COSINE = 0.999  # fp8 pool vs the unquantised float64 reference: measured ≥ 0.99944 (rel err 2-5e-2)
+# attention over the fp8 pool vs fp32/float64 attention over its dequantised values: `case_tol`,
+# the fp32 attention tolerance; a dequantisation that missed the scale or rounded again to fp8 fails it
+E4M3_HALF_STEP = 2.0**-4  # relative rounding bound of a normal E4M3 value: 3 mantissa bits, steps 2**-3
 CASES = [c for c in ALL_CASES if c.seq == 51] + [ALL_CASES[0]]
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().ravel(), b.double().ravel()
-    return float(a @ b / (a.norm() * b.norm()))
 
 
 def fp8_inputs(case) -> dict:
@@ -43,7 +49,7 @@ def test_fp8_write_is_the_float64_write_rounded_to_e4m3(case):
     expected = dense_kv_write(dequantize(x["pool"], x["kv_scales"]), k, v, *args[2:])
     got = dequantize(out, x["kv_scales"])
     step = 2.0 ** -9 * x["kv_scales"].double().reshape(-1, 2, 1, 1, 1, 1)  # smallest subnormal, scaled
-    assert ((got - expected).abs() <= expected.abs() / 16 + step / 2).all()  # half an E4M3 step
+    assert ((got - expected).abs() <= expected.abs() * E4M3_HALF_STEP + step / 2).all()  # half an E4M3 step
     assert cosine(got, expected) >= COSINE
     assert torch.equal(x["pool"], fp8_inputs(case)["pool"])  # functional: the input is untouched
 
@@ -67,7 +73,7 @@ def test_fp8_attention_reads_pages_times_scale(case):
     rest = (x["block_table"], x["prefix_lens"], x["suffix_mask"], layer, x["scale"])
     out = paged_attention(*args, x["pool"], *rest, x["kv_scales"])
     dequantized = dequantize(x["pool"], x["kv_scales"]).float()
-    assert (out - dense_attention(*args, dequantized, *rest)).abs().max() <= DEQUANT_TOL
+    assert rel_err(out, dense_attention(*args, dequantized, *rest)) <= case_tol(case)
     assert cosine(out, dense_attention(*args, x["pool_fp32"], *rest)) >= COSINE
 
 
@@ -128,7 +134,7 @@ def test_onnxruntime_fp8_bodies_match_eager(fp8_model, case):
     ort_out, ort_pool = _session(fp8_model[0]).run(OUTPUT_NAMES, feeds)
     assert ort_pool.dtype == np.uint8
     assert np.array_equal(ort_pool, pool.view(torch.uint8).numpy())  # the same E4M3 bytes
-    assert np.abs(ort_out - out.numpy()).max() <= DEQUANT_TOL
+    assert rel_err(ort_out, out) <= case_tol(case)  # the same bytes, then fp32 attention: MLAS vs torch
 
 
 def test_fp8_pool_buffer_is_written_in_place(fp8_model):

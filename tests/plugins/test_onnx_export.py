@@ -7,14 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from plugin_cases import ALL_CASES, Case, make_inputs
+from plugin_cases import ALL_CASES, Case, case_tol, make_inputs
+from tolerances import rel_err
 from torch.export import Dim
 from walk_module import INPUT_NAMES, OUTPUT_NAMES, TinyWalk
 
 from walkforge.plugins import attach_functions, translation_table
 from walkforge.plugins.constants import DOMAIN, PLUGIN_NAMESPACE
 
-TOL = 1e-5
 EXAMPLE = Case(page_size=8, kv_heads=2, head_dim=16, seq=5, batch=4)
 _D = Dim.DYNAMIC
 DYNAMIC = {
@@ -95,8 +95,8 @@ def test_onnxruntime_matches_eager(exported, case):
     x = make_inputs(case)
     out, pool = _walk()(*(x[n] for n in INPUT_NAMES))
     ort_out, ort_pool = session.run(OUTPUT_NAMES, {n: x[n].numpy() for n in INPUT_NAMES})
-    assert np.abs(ort_out - out.numpy()).max() <= TOL
-    assert np.array_equal(ort_pool, pool.numpy())
+    assert rel_err(ort_out, out) <= case_tol(case)  # fp32 attention: MLAS vs torch sums
+    assert np.array_equal(ort_pool, pool.numpy())  # a scatter of copies: exact on any CPU
 
 
 def test_iobinding_writes_pool_in_place(exported):

@@ -53,3 +53,34 @@ def test_attach_is_idempotent_and_pins_model_opset():
     assert [f.name for f in model.functions] == ["PagedAttention"]
     assert {(o.domain, o.version) for o in model.functions[0].opset_import} == {("", 19)}
     assert any(o.domain == DOMAIN and o.version == 1 for o in model.opset_import)
+
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_pool_values_are_those_bound_to_the_schema_pool_formals(name):
+    """The pool is found by the formal names `pool` / `pool_out`, at whatever position an op has them."""
+    from walkforge.plugins import _pool_values, pool_is_fp8
+
+    schema = OPS[name].SCHEMA
+    inputs, outputs = [f"in_{p.name}" for p in schema.inputs], [f"out_{p.name}" for p in schema.outputs]
+    node = onnx.helper.make_node(name, inputs, outputs, domain=DOMAIN)
+    values = [onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
+              for v in (*inputs, *outputs)]  # fmt: skip
+    graph = onnx.helper.make_graph([node], "g", values[: len(inputs)], values[len(inputs):])
+    model = onnx.helper.make_model(graph)
+    expected = {"in_pool"} | ({"out_pool_out"} if "out_pool_out" in outputs else set())
+    assert {v.name for v in _pool_values(model)} == expected and not pool_is_fp8(model)
+    model.graph.input[inputs.index("in_pool")].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    assert pool_is_fp8(model)
+
+
+def test_register_cuda_kernels_is_idempotent_and_leaves_cpu_on_the_eager_ops():
+    from plugin_cases import ALL_CASES, make_inputs
+
+    from walkforge.plugins import register_cuda_kernels
+
+    register_cuda_kernels()
+    register_cuda_kernels()
+    x = make_inputs(ALL_CASES[0])
+    args = (x["pool"], x["k_all"], x["v_all"], x["block_table"], x["positions"])
+    assert torch.equal(torch.ops.walkforge.kv_cache_write(*args), OPS["KVCacheWrite"].kv_cache_write(*args))

@@ -11,18 +11,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_diffusers_vae
+from tolerances import rel_err, vae_decode_tol
 
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import TensorSpec
-from walkforge.recipes import vae
+from walkforge.recipes import get_recipe
+from walkforge.recipes.vae.checkpoint import config_from_diffusers
+from walkforge.recipes.vae.config import VaeConfig
 from walkforge.recipes.weights import load_strict
 
 diffusers = pytest.importorskip("diffusers")
+VAE = get_recipe("vae")
 
-TOL_TORCH_VS_DIFFUSERS = 1e-5  # relative max error: max|ours - diffusers| / max|diffusers|
 
-
-def diffusers_vae(cfg: vae.VaeConfig, seed: int = 0) -> torch.nn.Module:
+def diffusers_vae(cfg: VaeConfig, seed: int = 0) -> torch.nn.Module:
     """A diffusers AutoencoderKL shaped like `cfg`, random weights, norms moved off 1/0."""
     return make_diffusers_vae(cfg, seed)
 
@@ -32,52 +34,48 @@ def saved(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def rel_max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours - ref).abs().max() / ref.abs().max())
-
-
-def check_parity(cfg: vae.VaeConfig, folder: Path, latents_shape: tuple[int, ...]) -> None:
+def check_parity(cfg: VaeConfig, folder: Path, latents_shape: tuple[int, ...]) -> None:
     reference = diffusers_vae(cfg)
-    read_cfg, tensors = vae.read_checkpoint(saved(reference, folder))
+    read_cfg, tensors = VAE.read_checkpoint(saved(reference, folder))
     assert read_cfg == cfg
-    model = vae.build(read_cfg).eval()
-    counts = load_strict(model, tensors, vae.KEY_MAP)
+    model = VAE.build(read_cfg).eval()
+    counts = load_strict(model, tensors, VAE.key_map)
     assert counts["loaded"] == len(model.state_dict())
     latents = torch.randn(*latents_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, ref = model(latents), reference.decode(latents).sample
     assert ours.shape == ref.shape
-    assert rel_max_err(ours, ref) <= TOL_TORCH_VS_DIFFUSERS
+    assert rel_err(ours, ref) <= vae_decode_tol(max(cfg.block_out_channels))  # measured: identical
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved(diffusers_vae(vae.VARIANTS["tiny"]), tmp_path_factory.mktemp("tiny_vae"))
+    return saved(diffusers_vae(VAE.variants["tiny"]), tmp_path_factory.mktemp("tiny_vae"))
 
 
 @pytest.mark.parametrize("attention", [True, False])
 def test_tiny_matches_diffusers(tmp_path: Path, attention: bool) -> None:
-    cfg = dataclasses.replace(vae.VARIANTS["tiny"], mid_block_add_attention=attention)
+    cfg = dataclasses.replace(VAE.variants["tiny"], mid_block_add_attention=attention)
     check_parity(cfg, tmp_path, (2, 4, 8, 6))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sd", "flux"])
 def test_full_size_variant_matches_diffusers(tmp_path: Path, variant: str) -> None:
-    cfg = vae.VARIANTS[variant]
+    cfg = VAE.variants[variant]
     check_parity(cfg, tmp_path, (1, cfg.latent_channels, 8, 8))
 
 
 def test_flux_variant_has_no_post_quant_conv() -> None:
-    keys = vae.build(vae.VARIANTS["flux"]).state_dict()
+    keys = VAE.build(VAE.variants["flux"]).state_dict()
     assert not any(k.startswith("post_quant_conv.") for k in keys)
     assert keys["decoder.conv_in.weight"].shape[1] == 16
 
 
 def test_encoder_keys_counted_as_ignored(tiny_folder: Path) -> None:
-    cfg, tensors = vae.read_checkpoint(tiny_folder)
-    model = vae.build(cfg)
-    counts = load_strict(model, tensors, vae.KEY_MAP)
+    cfg, tensors = VAE.read_checkpoint(tiny_folder)
+    model = VAE.build(cfg)
+    counts = load_strict(model, tensors, VAE.key_map)
     unused = [k for k in tensors if k.startswith(("encoder.", "quant_conv."))]
     assert len(unused) > 0
     assert counts == {"loaded": len(model.state_dict()), "ignored": len(unused)}
@@ -85,27 +83,27 @@ def test_encoder_keys_counted_as_ignored(tiny_folder: Path) -> None:
 
 
 def test_misshaped_tensor_names_key_and_shapes(tiny_folder: Path) -> None:
-    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    cfg, tensors = VAE.read_checkpoint(tiny_folder)
     tensors["decoder.conv_in.weight"] = torch.zeros(64, 4, 1, 1)
     with pytest.raises(WalkforgeError) as err:
-        load_strict(vae.build(cfg), tensors, vae.KEY_MAP)
+        load_strict(VAE.build(cfg), tensors, VAE.key_map)
     message = str(err.value)
     assert "decoder.conv_in.weight" in message
     assert "[64, 4, 1, 1]" in message and "[64, 4, 3, 3]" in message
 
 
 def test_missing_tensor_names_key(tiny_folder: Path) -> None:
-    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    cfg, tensors = VAE.read_checkpoint(tiny_folder)
     del tensors["decoder.mid_block.attentions.0.to_q.weight"]
     with pytest.raises(WalkforgeError, match=r"missing 'decoder\.mid_block\.attentions\.0\.to_q\.weight'"):
-        load_strict(vae.build(cfg), tensors, vae.KEY_MAP)
+        load_strict(VAE.build(cfg), tensors, VAE.key_map)
 
 
 def test_unexpected_tensor_raises(tiny_folder: Path) -> None:
-    cfg, tensors = vae.read_checkpoint(tiny_folder)
+    cfg, tensors = VAE.read_checkpoint(tiny_folder)
     tensors["decoder.extra_head.weight"] = torch.zeros(3)
     with pytest.raises(WalkforgeError, match=r"unexpected checkpoint tensor 'decoder\.extra_head\.weight'"):
-        load_strict(vae.build(cfg), tensors, vae.KEY_MAP)
+        load_strict(VAE.build(cfg), tensors, VAE.key_map)
 
 
 def write_config(folder: Path, data: dict | str) -> Path:
@@ -128,12 +126,12 @@ def write_config(folder: Path, data: dict | str) -> Path:
 )
 def test_bad_config_json_raises(tmp_path: Path, config: dict | str, message: str) -> None:
     with pytest.raises(WalkforgeError, match=message):
-        vae.read_checkpoint(write_config(tmp_path / "ckpt", config))
+        VAE.read_checkpoint(write_config(tmp_path / "ckpt", config))
 
 
 def test_missing_config_json_raises(tmp_path: Path) -> None:
     with pytest.raises(WalkforgeError, match="no config.json"):
-        vae.read_checkpoint(tmp_path)
+        VAE.read_checkpoint(tmp_path)
 
 
 def test_old_sd_config_uses_diffusers_defaults() -> None:
@@ -143,14 +141,14 @@ def test_old_sd_config_uses_diffusers_defaults() -> None:
         "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
         "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
     }
-    assert vae.config_from_diffusers(sd15) == vae.VARIANTS["sd"]
+    assert config_from_diffusers(sd15) == VAE.variants["sd"]
 
 
 @pytest.mark.parametrize("variant", ["tiny", "flux"])
 def test_walks_contract(variant: str) -> None:
-    cfg = vae.VARIANTS[variant]
-    model = vae.build(cfg).eval()
-    walk = vae.walks(model, cfg)
+    cfg = VAE.variants[variant]
+    model = VAE.build(cfg).eval()
+    walk = VAE.walks(model, cfg)
     node = walk.node("decode")
     assert walk.steps == ("decode",)
     assert node.module is model
@@ -166,20 +164,20 @@ def test_walks_contract(variant: str) -> None:
 
 
 def test_tiny_walk_output_shape_follows_upscale() -> None:
-    cfg = vae.VARIANTS["tiny"]
-    example = vae.walks(vae.build(cfg), cfg).node("decode").example_inputs["latents"]
+    cfg = VAE.variants["tiny"]
+    example = VAE.walks(VAE.build(cfg), cfg).node("decode").example_inputs["latents"]
     with torch.no_grad():
-        out = vae.build(cfg).eval()(example)
+        out = VAE.build(cfg).eval()(example)
     b, _, h, w = example.shape
     assert out.shape == (b, cfg.out_channels, h * cfg.upscale, w * cfg.upscale)
 
 
 def test_fake_inputs_are_seeded_standard_normal() -> None:
-    cfg = vae.VARIANTS["flux"]
-    a = vae.fake_inputs(cfg, batch=3, seed=5, height=4, width=6)
-    b = vae.fake_inputs(cfg, batch=3, seed=5, height=4, width=6)
+    cfg = VAE.variants["flux"]
+    a = VAE.fake_inputs(cfg, batch=3, seed=5, height=4, width=6)
+    b = VAE.fake_inputs(cfg, batch=3, seed=5, height=4, width=6)
     assert set(a) == {"latents"}
     assert a["latents"].dtype == np.float32 and a["latents"].shape == (3, 16, 4, 6)
     np.testing.assert_array_equal(a["latents"], b["latents"])
-    other = vae.fake_inputs(cfg, batch=3, seed=6, height=4, width=6)
+    other = VAE.fake_inputs(cfg, batch=3, seed=6, height=4, width=6)
     assert not np.array_equal(a["latents"], other["latents"])

@@ -32,17 +32,17 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from walkforge.compiler.check import agreement, worst
+from walkforge.compiler.runtime import host_copy
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.fp8 import (
     GEMM_OPS,
-    ORT_DISABLED_OPTIMIZERS,
     node_name,
     plan_fp8,
     quantize_fp8,
     read_tensor,
     weight_uses,
 )
-from walkforge.runtimes.onnxruntime import session_options
+from walkforge.graphs.ort import session_kwargs, session_options
 
 log = logging.getLogger(__name__)
 METHODS = ("max", "percentile")
@@ -185,16 +185,14 @@ def per_layer_sensitivity(model: onnx.ModelProto, act_scales: Mapping[str, float
     return sorted(result, key=lambda item: item[1])
 
 
-def _run_samples(runner: Any, collectors: Mapping[str, AmaxCollector], samples: list,
+def _run_samples(runner: Any, runtime: Any, collectors: Mapping[str, AmaxCollector], samples: list,
                  progress: Any) -> dict[str, dict[str, np.ndarray]]:
     """Run front-API samples through `runner`, feeding every engine call to its walk's collector;
     return each walk's first call inputs."""
-    from walkforge.runtimes.onnxruntime import to_numpy
-
     first: dict[str, dict[str, np.ndarray]] = {}
 
     def observe(walk: str, inputs: Mapping[str, Any], _seconds: float) -> None:
-        feeds = {k: to_numpy(v).copy() for k, v in inputs.items()}
+        feeds = host_copy(runtime, inputs)
         collectors[walk].update(feeds)
         first.setdefault(walk, feeds)
 
@@ -239,7 +237,7 @@ def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPro
 def _session(model: onnx.ModelProto, base_dir: str | Path | None = None) -> ort.InferenceSession:
     """A CPU session for a throwaway model (a large one may be moved to external data)."""
     opts = session_options(spinning=False)
-    kw = {"providers": ["CPUExecutionProvider"], "disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS)}
+    kw = session_kwargs(["CPUExecutionProvider"])
     if base_dir is None and model.ByteSize() < PROTO_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, **kw)
     if base_dir is not None:  # external data paths are relative to base_dir: put the graph there
@@ -283,6 +281,6 @@ def calibration_samples(bundle: Any, data: Path | None, count: int, seed: int
                 return [{k: npz[k] for k in npz.files}]
         except (OSError, ValueError) as exc:
             raise WalkforgeError(f"--calib-data {data}: not a readable npz ({exc})") from None
-    from walkforge.runtimes.inputs import example_inputs
+    from walkforge.recipes.inputs import example_inputs
 
     return [example_inputs(bundle, batch=2, seed=seed + 1000 + k) for k in range(count)]

@@ -27,9 +27,10 @@ from safetensors.numpy import save_file
 
 from walkforge.compiler.calibrate import run_observed
 from walkforge.compiler.check import agreement, worst
+from walkforge.compiler.passes import run_pass
+from walkforge.compiler.runtime import Runtime
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.fp8 import fp8_scales
-from walkforge.plugins import fp8_kv_pool
 from walkforge.plugins.constants import FP8_POOL_DTYPE
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,20 @@ POOL = "kv_pool"
 SCALES_FILE = "calib/kv_scales.safetensors"
 
 
-def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], progress: Any = None,
-                 reuse: Path | None = None) -> tuple[dict[str, Any], dict[str, int]]:
+def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], runtime: Runtime,
+                 progress: Any = None, reuse: Path | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     """Measure per-layer KV scales on the fp32 engines and make the bundle's pool fp8 (module doc).
 
     Modifies the staged walks and `bundle.manifest["walks"]`; returns (the manifest's "kv_cache"
     entry, counts). `reuse`: take the per-layer amax from an earlier bundle with the same weights.
     """
-    from walkforge.runtimes.front import load
-
     if not samples:
         raise WalkforgeError("KV calibration got no samples")
-    runner = load(bundle, "cpu", spinning=False)
-    amax = _kv_amax(runner, samples, progress) if reuse is None else _reused_amax(reuse, bundle.manifest)
+    runner = runtime.load(bundle, "cpu", spinning=False)
+    if reuse is None:
+        amax = _kv_amax(runner, runtime, samples, progress)
+    else:
+        amax = _reused_amax(reuse, bundle.manifest)
     scales = np.asarray(fp8_scales({"kv": amax})["kv"], np.float32).reshape(amax.shape)
     fp32_actions = [runner.run(dict(samples[0]))]
     del runner
@@ -62,16 +64,17 @@ def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], progr
     entry = {"dtype": FP8_POOL_DTYPE, "scales": scales.tolist(), "amax": amax.tolist(),
              "scales_file": SCALES_FILE, **meta}  # fmt: skip
     bundle.manifest["kv_cache"] = entry  # the fp8 runner below binds these scales
-    fp8 = load(bundle, "cpu", spinning=False).run(dict(samples[0]))
+    fp8 = runtime.load(bundle, "cpu", spinning=False).run(dict(samples[0]))
     entry["vs_fp32"] = worst([agreement(fp8[k], fp32_actions[0][k]) for k in fp8]).to_json()
     log.info("fp8 KV cache: scales per layer %s; actions vs fp32 pool %s", scales.tolist(), entry["vs_fp32"])
     return entry, {"kv_layers": int(scales.shape[0]), "kv_walks_fp8": len(retyped),
                    "kv_pool_values_fp8": sum(retyped.values())}  # fmt: skip
 
 
-def _kv_amax(runner: Any, samples: Sequence[Mapping[str, np.ndarray]], progress: Any) -> np.ndarray:
+def _kv_amax(runner: Any, runtime: Runtime, samples: Sequence[Mapping[str, np.ndarray]],
+             progress: Any) -> np.ndarray:
     """float64 [L, 2]: max |K| and |V| per layer written by the pool-writing walks over `samples`."""
-    from walkforge.runtimes.onnxruntime import to_numpy
+    to_numpy = runtime.to_numpy
 
     writers = {name for name, walk in runner.manifest["walks"].items()
                if POOL in walk.get("aliases", {}).values()}  # fmt: skip
@@ -96,7 +99,7 @@ def _fp8_pool_walk(bundle: Any, name: str) -> int:
     walk = bundle.manifest["walks"][name]
     path = bundle.path(walk["onnx"])
     model = onnx.load(str(path), load_external_data=False)
-    model, counts = fp8_kv_pool(model)
+    model, counts = run_pass("fp8_kv_pool", model)
     onnx.save(model, str(path))
     retyped = {v.name for v in (*model.graph.input, *model.graph.output)
                if v.type.tensor_type.elem_type == onnx.TensorProto.UINT8}  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,27 +23,34 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import walkforge
-from walkforge import plugins
 from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import OPSET, export_walk, op_counts
 from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, plugin_ops
-from walkforge.compiler.progress import Progress
+from walkforge.compiler.passes import add_counts, run_pass
+from walkforge.compiler.runtime import Runtime
 from walkforge.errors import CompileError, WalkforgeError
 from walkforge.graphs.walk import GraphNode
-from walkforge.recipes import get_recipe, get_variant
+from walkforge.plugins.constants import PAGE_SIZE
+from walkforge.progress import Progress
+from walkforge.recipes import Recipe, get_recipe
 from walkforge.recipes.configs import from_dict, load_overrides, to_dict
 from walkforge.recipes.weights import fingerprint, load_strict
-from walkforge.runtimes.onnxruntime import OrtEngine, to_numpy
 
 log = logging.getLogger(__name__)
 CHECK_REL_TOL = 1e-3  # fp32 ONNX vs torch, relative to output scale: catches broken exports
 WEIGHTS_FILE = "weights/model.safetensors"
+PRECISIONS = ("fp32", "fp8")
+KV_DTYPES = ("fp32", "fp8")
 
 
 @dataclass
 class CompileRequest:
-    """What to compile. Without `checkpoint`, weights are seeded random (`seed`)."""
+    """What to compile. Without `checkpoint`, weights are seeded random (`seed`).
+
+    Checked when built: a bad setting raises a one-line WalkforgeError naming its option (the
+    field's CLI flag) and value, before any work.
+    """
 
     recipe: str
     out: Path
@@ -64,13 +70,40 @@ class CompileRequest:
     gpu_archs: tuple[str, ...] = DEFAULT_ARCHS
     kv_dtype: str = "fp32"  # "fp32" | "fp8" (E4M3 page pool, per-layer K/V scales; any precision)
 
+    def __post_init__(self) -> None:
+        from walkforge.compiler.calibrate import METHODS
+
+        rules = {
+            "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            "kv_dtype": (self.kv_dtype in KV_DTYPES, f"one of {', '.join(KV_DTYPES)}"),
+            "calib_samples": (self.calib_samples >= 1, "at least 1"),
+            "calib_method": (self.calib_method in METHODS, f"one of {', '.join(METHODS)}"),
+            "calib_percentile": (0 < self.calib_percentile <= 100, "in (0, 100]"),
+            "fp8_min_cosine": (self.fp8_min_cosine is None or 0 < self.fp8_min_cosine <= 1, "in (0, 1]"),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise WalkforgeError(f"{flag} must be {rule}, got {getattr(self, name)!r}")
+        if self.variant is not None and self.checkpoint is not None:
+            raise WalkforgeError("give either --variant or --checkpoint, not both")
+        if self.gpu_archs:
+            from walkforge.plugins.aot import parse_arch
+
+            for arch in self.gpu_archs:
+                try:
+                    parse_arch(arch)
+                except ValueError:
+                    raise WalkforgeError(f"--gpu-archs: '{arch}' is not an architecture like sm_90") from None
+
 
 @dataclass
 class Job:
     request: CompileRequest
     stage_dir: Path
     progress: Progress
-    recipe: Any = None
+    runtime: Runtime | None = None  # runs the staged bundle (check, calibration, gates)
+    recipe: Recipe | None = None
     cfg: Any = None
     walks: Any = None  # the recipe's walks on a weightless (meta) model, set by `trace`
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -82,18 +115,16 @@ def load(job: Job) -> dict[str, int]:
     req = job.request
     job.recipe = get_recipe(req.recipe)
     if req.checkpoint is not None:
-        if req.variant is not None:
-            raise WalkforgeError("give either --variant or --checkpoint, not both")
         job.cfg, tensors = job.recipe.read_checkpoint(Path(req.checkpoint))
     else:
-        job.cfg, tensors = get_variant(job.recipe, req.variant or "tiny"), None
+        job.cfg, tensors = job.recipe.variant(req.variant or "tiny"), None
     if req.config_file is not None:
-        job.cfg = from_dict(job.recipe.Config, load_overrides(req.config_file), job.cfg)
+        job.cfg = from_dict(job.recipe.config, load_overrides(req.config_file), job.cfg)
     torch.manual_seed(req.seed)
     model = job.recipe.build(job.cfg).eval()
     counts = {"parameters": sum(p.numel() for p in model.parameters())}
     if tensors is not None:
-        counts |= load_strict(model, tensors, job.recipe.KEY_MAP)
+        counts |= load_strict(model, tensors, job.recipe.key_map)
     del tensors
     state = model.state_dict()
     (job.stage_dir / WEIGHTS_FILE).parent.mkdir(parents=True)
@@ -101,14 +132,16 @@ def load(job: Job) -> dict[str, int]:
     source = ({"source": "checkpoint", "path": str(req.checkpoint)} if req.checkpoint is not None
               else {"source": "random", "seed": req.seed})
     job.manifest |= {
-        "recipe": job.recipe.NAME, "variant": req.variant or ("tiny" if req.checkpoint is None else None),
+        "recipe": job.recipe.name, "variant": req.variant or ("tiny" if req.checkpoint is None else None),
         "config": to_dict(job.cfg),
         "weights": {"fingerprint": fingerprint(state), "file": WEIGHTS_FILE, **source, **counts},
+        "front": job.recipe.front,  # the runtime resolves it; it never imports recipes
+        "dim_ranges": {k: list(v) for k, v in job.recipe.trt_dims.items()},  # TensorRT (min, opt, max)
     }
     return counts
 
 
-def skeleton(recipe: Any, cfg: Any) -> torch.nn.Module:
+def skeleton(recipe: Recipe, cfg: Any) -> torch.nn.Module:
     """The recipe's model without weights: every parameter and buffer on the meta device."""
     with torch.device("meta"):
         return recipe.build(cfg).eval()
@@ -128,14 +161,16 @@ def trace(job: Job) -> dict[str, int]:
     job.manifest["walks"] = walks
     job.manifest["plan"] = job.walks.plan()
     job.manifest["edges"] = [e.to_json() for e in job.walks.edges]
+    if job.walks.kv_tokens:
+        job.manifest["paging"] = {"max_tokens": job.walks.kv_tokens, "page_size": PAGE_SIZE}
     return {"walks": len(walks), "nodes": sum(sum(w["ops"].values()) for w in walks.values()),
             "initializers": totals["initializers"], "weight_bytes": totals["bytes"],
             "transposes_folded": totals["transposes_folded"]}
 
 
-PASSES: tuple[Callable[[onnx.ModelProto], tuple[onnx.ModelProto, dict[str, int]]], ...] = (
-    plugins.attach_functions,
-)
+PASSES = ("attach_functions",)
+"""The passes stage's passes (compiler/passes.py); fp8_kv_pool and quantize_fp8 run in the
+kv_cache and calibrate stages, which know their scales."""
 
 
 def passes(job: Job) -> dict[str, int]:
@@ -143,10 +178,9 @@ def passes(job: Job) -> dict[str, int]:
     for _name, walk in job.manifest["walks"].items():
         path = job.stage_dir / walk["onnx"]
         model = onnx.load(str(path), load_external_data=False)
-        for apply in PASSES:
-            model, counts = apply(model)
-            for key, n in counts.items():
-                totals[key] = totals.get(key, 0) + n
+        for name in PASSES:
+            model, counts = run_pass(name, model)
+            add_counts(totals, counts)
         onnx.save(model, str(path))
         walk["ops"] = op_counts(model)
     return totals
@@ -162,7 +196,7 @@ def check(job: Job) -> dict[str, int]:
     for node in job.walks.nodes:
         walk = job.manifest["walks"][node.name]
         feeds, want = reference(job.recipe, job.cfg, node.name, job.stage_dir / WEIGHTS_FILE)
-        got = onnx_outputs(node.name, job.stage_dir / walk["onnx"], walk, feeds)
+        got = onnx_outputs(job.runtime, node.name, job.stage_dir / walk["onnx"], walk, feeds)
         result = worst([agreement(g, w) for g, w in zip(got, want, strict=True)])
         checks[node.name] = result.to_json()
         job.progress.say(f"{node.name}: max abs {result.max_abs:.2e}, cosine {result.cosine:.7f}")
@@ -173,7 +207,7 @@ def check(job: Job) -> dict[str, int]:
     return {"walks_checked": len(checks)}
 
 
-def reference(recipe: Any, cfg: Any, name: str, weights: Path
+def reference(recipe: Recipe, cfg: Any, name: str, weights: Path
               ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """(example inputs, torch outputs) of walk `name`, its weights read from `weights`.
 
@@ -188,14 +222,14 @@ def reference(recipe: Any, cfg: Any, name: str, weights: Path
     return feeds, [w.numpy().astype("float64") for w in want]
 
 
-def onnx_outputs(name: str, path: Path, walk: dict[str, Any], feeds: dict[str, np.ndarray]
-                 ) -> list[np.ndarray]:
-    """The walk's outputs from onnxruntime, in contract order; the session is freed on return."""
-    got = OrtEngine(name, path, walk, spinning=False).run(feeds)
-    return [to_numpy(got[s["name"]]) for s in walk["outputs"]]
+def onnx_outputs(runtime: Runtime, name: str, path: Path, walk: dict[str, Any],
+                 feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The walk's outputs from the runtime's cpu engine, in contract order; freed on return."""
+    got = runtime.walk_engine(name, path, walk, spinning=False).run(feeds)
+    return [runtime.to_numpy(got[s["name"]]) for s in walk["outputs"]]
 
 
-def walk_with_weights(recipe: Any, cfg: Any, name: str, weights: Path) -> GraphNode:
+def walk_with_weights(recipe: Recipe, cfg: Any, name: str, weights: Path) -> GraphNode:
     """Walk `name` of a model that holds real weights for that walk only, read from `weights`.
 
     The other weights are one-element CPU stand-ins (zero-stride views): a recipe may derive
@@ -230,14 +264,12 @@ def kv_cache(job: Job) -> dict[str, int]:
     from walkforge.compiler.kv_cache import calibrate_kv
 
     req = job.request
-    if req.kv_dtype not in KV_DTYPES:
-        raise WalkforgeError(f"kv dtype must be one of {', '.join(KV_DTYPES)}, got '{req.kv_dtype}'")
     if req.kv_dtype == "fp32":
         return {}
     bundle = Bundle(job.stage_dir, job.manifest)
     count = 1 if req.reuse_calibration else req.calib_samples  # reused: one sample, for the check
     samples = calibration_samples(bundle, req.calib_data, count, req.seed)
-    entry, counts = calibrate_kv(bundle, samples, job.progress.bar, req.reuse_calibration)
+    entry, counts = calibrate_kv(bundle, samples, job.runtime, job.progress.bar, req.reuse_calibration)
     job.manifest["precision"]["kv"] = "fp8_e4m3"
     job.progress.say(f"fp8 KV cache: actions vs fp32 pool cosine {entry['vs_fp32']['cosine']:.6f}")
     return counts
@@ -249,8 +281,6 @@ def calibrate(job: Job) -> dict[str, int]:
     from walkforge.compiler.quantize import Fp8Options, quantize_bundle
 
     req = job.request
-    if req.precision not in PRECISIONS:
-        raise WalkforgeError(f"precision must be one of {', '.join(PRECISIONS)}, got '{req.precision}'")
     if req.precision == "fp32":
         return {}
     bundle = Bundle(job.stage_dir, job.manifest)
@@ -258,7 +288,7 @@ def calibrate(job: Job) -> dict[str, int]:
         bundle, req.calib_data, req.calib_samples, req.seed)
     opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
                       req.fp8_min_cosine, req.fp8_exclude)
-    entry, counts = quantize_bundle(bundle, samples, opts, job.progress.bar)
+    entry, counts = quantize_bundle(bundle, samples, opts, job.runtime, job.progress.bar)
     job.manifest["precision"] = {"weights": "fp8_e4m3", "activations": "fp8_e4m3",
                                  "kv": job.manifest["precision"]["kv"],
                                  "calibration": entry}
@@ -302,18 +332,18 @@ def package(job: Job) -> dict[str, int]:
             "bytes": sum(f["size"] for f in job.manifest["files"].values())}
 
 
-PRECISIONS = ("fp32", "fp8")
-KV_DTYPES = ("fp32", "fp8")
 STAGES = (("load", load), ("trace", trace), ("passes", passes), ("check", check), ("build", build),
           ("kv_cache", kv_cache), ("calibrate", calibrate), ("kernels", kernels), ("trt_lint", trt_lint),
           ("package", package))
 
 
-def compile_bundle(request: CompileRequest, progress: Progress | None = None) -> dict[str, Any]:
-    """Compile `request` into a bundle at `request.out`; return the manifest."""
+def compile_bundle(request: CompileRequest, progress: Progress | None = None, *,
+                   runtime: Runtime) -> dict[str, Any]:
+    """Compile `request` into a bundle at `request.out`, running the staged engines on `runtime`
+    (`walkforge.compile_bundle` passes `walkforge.runtimes`); return the manifest."""
     progress = progress or Progress(enabled=False)
     with staged_bundle(Path(request.out), force=request.force) as stage_dir:
-        job = Job(request, stage_dir, progress)
+        job = Job(request, stage_dir, progress, runtime)
         job.manifest = {"walkforge_version": walkforge.__version__,
                         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                         "precision": {"weights": "fp32", "activations": "fp32", "kv": "fp32",

@@ -34,8 +34,10 @@ from walkforge.compiler.calibrate import (
 )
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import op_counts
+from walkforge.compiler.passes import add_counts, run_pass
+from walkforge.compiler.runtime import Runtime, host_copy
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import fp8_scales, quantize_fp8
+from walkforge.graphs.fp8 import fp8_scales
 
 SCALES_FILE = "calib/scales.safetensors"
 HELD_OUT_SEEDS = (7001, 7002)  # end-to-end gate inputs; calibration uses seed + 1000 + k
@@ -53,23 +55,22 @@ class Fp8Options:
 
 
 def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
-                    progress: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
-    """Make every walk of a staged fp32 bundle FP8; return the manifest's calibration entry and
-    the Q/DQ pass counts summed over walks."""
-    from walkforge.runtimes.front import load
-    from walkforge.runtimes.inputs import example_inputs
+                    runtime: Runtime, progress: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
+    """Make every walk of a staged fp32 bundle FP8, running it on `runtime`'s cpu engines; return
+    the manifest's calibration entry and the Q/DQ pass counts summed over walks."""
+    from walkforge.recipes.inputs import example_inputs
 
     paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
     fp32 = {name: onnx.load(str(p)) for name, p in paths.items()}  # weights in memory
-    runner = load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False)
     held_out = [example_inputs(bundle, batch=2, seed=s) for s in HELD_OUT_SEEDS]
     first: dict[str, dict[str, np.ndarray]] = {}
-    runner.chain.observer = lambda walk, inputs, _s: first.setdefault(walk, _numpy(inputs))
+    runner.chain.observer = lambda walk, inputs, _s: first.setdefault(walk, host_copy(runtime, inputs))
     reference = [runner.run(dict(s)) for s in held_out]
     if opts.reuse is not None:
         scales, meta = reused_scales(opts.reuse, bundle.manifest)
     else:
-        scales, meta = collected_scales(runner, fp32, paths, samples, opts, progress)
+        scales, meta = collected_scales(runner, runtime, fp32, paths, samples, opts, progress)
     del runner  # its sessions read the fp32 files about to be rewritten
     save_scales(bundle.path(SCALES_FILE), scales, meta)
     ranking: list[tuple[str, str, float]] = []
@@ -80,7 +81,7 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
         for walk, node, _ in ranking[:n]:
             excluded[walk].add(node)
         counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude)
-        return excluded, counts, _end_to_end(bundle, held_out, reference)
+        return excluded, counts, _end_to_end(runtime, bundle, held_out, reference)
 
     excluded, counts, e2e = attempt(0)
     if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
@@ -92,13 +93,14 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     return entry, counts
 
 
-def collected_scales(runner: Any, fp32: Mapping[str, onnx.ModelProto], paths: Mapping[str, Path],
+def collected_scales(runner: Any, runtime: Runtime, fp32: Mapping[str, onnx.ModelProto],
+                     paths: Mapping[str, Path],
                      samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
                      progress: Any) -> tuple[Scales, dict[str, Any]]:
     """Activation amax from `samples` through the chained fp32 engines; weight amax per channel."""
     collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), opts.method,
                                       opts.percentile, p.parent) for name, p in paths.items()}
-    _run_samples(runner, collectors, list(samples), progress)
+    _run_samples(runner, runtime, collectors, list(samples), progress)
     scales = {name: (fp8_scales(c.result()), fp8_scales(weight_amax(fp32[name])))
               for name, c in collectors.items()}
     meta = {"method": opts.method, "samples": len(samples),
@@ -201,25 +203,17 @@ def _quantize_all(bundle: Bundle, fp32: Mapping[str, onnx.ModelProto], scales: S
         model = onnx.ModelProto()
         model.CopyFrom(source)
         act, weights = scales[name]
-        model, counts = quantize_fp8(model, act, weights, exclude=set(user) | excluded[name])
+        model, counts = run_pass("quantize_fp8", model, act, weights, exclude=set(user) | excluded[name])
         save_model(model, bundle.path(bundle.manifest["walks"][name]["onnx"]))
         bundle.manifest["walks"][name]["ops"] = op_counts(model)
-        for key, n in counts.items():
-            totals[key] = totals.get(key, 0) + n
+        add_counts(totals, counts)
     return totals
 
 
-def _end_to_end(bundle: Bundle, held_out: list[dict[str, np.ndarray]],
+def _end_to_end(runtime: Runtime, bundle: Bundle, held_out: list[dict[str, np.ndarray]],
                 reference: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    from walkforge.runtimes.front import load
-
-    runner = load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False)
     results = [agreement(got[k], want[k]) for sample, want in zip(held_out, reference, strict=True)
                for got in [runner.run(dict(sample))] for k in want]
     return worst(results).to_json()
 
-
-def _numpy(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    from walkforge.runtimes.runner import to_numpy_any
-
-    return {k: to_numpy_any(v).copy() for k, v in inputs.items()}

@@ -148,11 +148,16 @@ class Loop:
 
 @dataclass(frozen=True)
 class Sequential:
-    """A recipe's walks and the order the runtime runs them in."""
+    """A recipe's walks and the order the runtime runs them in.
+
+    `kv_tokens`: the most KV-cache tokens one request writes into the page pool (pi0: its
+    prefix); the runtime sizes block tables and the default pool from it. 0: no paged KV.
+    """
 
     nodes: tuple[GraphNode, ...]
     steps: tuple[str | Loop, ...]
     edges: tuple[GraphEdge, ...] = ()
+    kv_tokens: int = 0
 
     def node(self, name: str) -> GraphNode:
         for n in self.nodes:

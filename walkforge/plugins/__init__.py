@@ -1,9 +1,13 @@
 """walkforge custom ops: one module per op, each a complete set (see DESIGN.md, "Custom ops").
 
-Every op is a torch.library op `walkforge::<snake>` with an eager reference and fake impl, an
-ONNX schema `walkforge.<Name>` v1, a translation for `torch.onnx.export(custom_translation_table=...)`
-emitting one bare node, an ONNX function body of standard ops (attached after export by
-`attach_functions`, so onnxruntime can run the node) and a Triton kernel.
+Every op module declares: its ONNX schema `SCHEMA` (`walkforge.<Name>` v1; the page pool is the
+formal input POOL_IN / output POOL_OUT, found by name) and `ATTRIBUTES`; the torch.library op
+`walkforge::<snake>` with eager reference and fake impl (`TORCH_OP`); `translate` for
+`torch.onnx.export(custom_translation_table=...)`, emitting one bare node; `BODY`, its one ONNX
+function body, attached after export by `attach_functions` with the pool dtype's codec inlined
+(`pool_codec`), so onnxruntime can run the node; the Triton kernel, its launcher, grid rule and
+AOT signature (`AOT`, compiled by `aot.compile_kernels`); `register_trt` (TensorRT plugin) and
+`register_cuda` (CUDA dispatch). A new op is one module plus one line in `_OP_MODULES`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from types import ModuleType
 
 import onnx
 
-from walkforge.plugins.constants import DOMAIN, DOMAIN_VERSION, PAGE_SIZE
+from walkforge.plugins.constants import DOMAIN, DOMAIN_VERSION, FP8_POOL_DTYPE, PAGE_SIZE, POOL_IN, POOL_OUT
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +39,22 @@ def __getattr__(name: str):
 
 
 def _ops() -> dict[str, ModuleType]:
-    """ONNX op name -> op module (TORCH_OP, translate, FUNCTION, the eager op, the Triton launcher)."""
+    """ONNX op name -> op module (SCHEMA, TORCH_OP, translate, BODY, AOT, register_cuda, register_trt)."""
     return {name: importlib.import_module(module) for name, module in _OP_MODULES.items()}
 
 
 MIN_OPSET = 18
 """Lowest standard opset the function bodies are valid for."""
 MIN_OPSET_FP8 = 19
-"""Lowest standard opset of the fp8-pool bodies (Cast to FLOAT8E4M3FN)."""
-POOL_INPUT = {"KVCacheWrite": 0, "PagedAttention": 3}
-"""Index of the page pool among each op's inputs (KVCacheWrite's output 0 is the pool too)."""
+"""Lowest standard opset of the bodies with the fp8 pool codec (saturating Cast to FLOAT8E4M3FN)."""
 _FLOAT, _FP8, _BYTES = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8
+
+
+def register_cuda_kernels() -> None:
+    """Dispatch every walkforge torch op on CUDA tensors to its Triton kernel (idempotent); CPU
+    tensors keep the eager references. Model code then has no hardware branch."""
+    for module in _ops().values():
+        module.register_cuda()
 
 
 def translation_table() -> dict:
@@ -69,14 +78,21 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("model imports no standard ONNX opset")
 
 
+def _pool_names(node: onnx.NodeProto, ops: dict[str, ModuleType]) -> list[str]:
+    """Values a walkforge node binds to its schema's formal input POOL_IN or output POOL_OUT."""
+    if node.domain != DOMAIN or node.op_type not in ops:
+        return []
+    schema = ops[node.op_type].SCHEMA
+    inputs = zip((p.name for p in schema.inputs), node.input, strict=False)  # optional inputs may be left off
+    outputs = zip((p.name for p in schema.outputs), node.output, strict=False)
+    bound = [*inputs, *outputs]
+    return [value for formal, value in bound if formal in (POOL_IN, POOL_OUT) and value]
+
+
 def _pool_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs, outputs and value infos that hold a page pool (what the walkforge ops read/write)."""
-    names = set()
-    for node in _nodes(model.graph):
-        index = POOL_INPUT.get(node.op_type, -1) if node.domain == DOMAIN else -1
-        if 0 <= index < len(node.input):
-            names.add(node.input[index])
-            names.update(node.output[:1] if node.op_type == "KVCacheWrite" else ())
+    ops = _ops()
+    names = {name for node in _nodes(model.graph) for name in _pool_names(node, ops)}
     graph = model.graph
     return [v for v in (*graph.input, *graph.output, *graph.value_info) if v.name in names]
 
@@ -102,7 +118,7 @@ def fp8_kv_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]
     onnxruntime's Gather, ScatterND, Concat (and every other indexing op: the ONNX schemas leave
     float8 out) reject FLOAT8E4M3FN tensors, and ONNX has no bitcast, so the pool's graph inputs
     and outputs become UINT8 holding the E4M3 bytes (1 byte per element, written in place), and
-    the walkforge function bodies are swapped for their fp8 versions, which take `kv_scales`.
+    the walkforge function bodies are re-attached with the fp8 pool codec, which reads `kv_scales`.
     Returns {"kv_pool_fp8": number of pool values retyped}.
     """
     retyped = _retype_pool(model, (_FLOAT, _FP8))
@@ -118,12 +134,13 @@ def attach_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     """Attach the function body of every walkforge op that `model` uses; modifies and returns `model`.
 
     Bodies use the model's own standard opset (>= MIN_OPSET) and `walkforge` v1 is imported.
-    A model whose pool is fp8 gets the fp8 bodies (opset >= MIN_OPSET_FP8); a FLOAT8E4M3FN pool
+    A model whose pool is fp8 gets the bodies with the fp8 pool codec (opset >= MIN_OPSET_FP8; see
+    `pool_codec`); a FLOAT8E4M3FN pool
     (traced from a float8 torch pool) is retyped to its UINT8 bytes first (see `fp8_kv_pool`).
     Returns counts of nodes per op, e.g. {"KVCacheWrite": 1, "PagedAttention": 18}. Functions
     already present are kept (the pass is idempotent).
     """
-    from walkforge.plugins._common import function_proto
+    from walkforge.plugins.pool_codec import function_proto
 
     opset = _default_opset(model)
     _retype_pool(model, (_FP8,))
@@ -138,8 +155,8 @@ def attach_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     present = {(f.domain, f.name) for f in model.functions}
     added = [name for name in sorted(counts) if (DOMAIN, name) not in present]
     ops = _ops()
-    body = "FUNCTION_FP8" if fp8 else "FUNCTION"
-    model.functions.extend(function_proto(getattr(ops[name], body), opset, name) for name in added)
+    pool_dtype = FP8_POOL_DTYPE if fp8 else "float32"
+    model.functions.extend(function_proto(ops[name].BODY, opset, name, pool_dtype) for name in added)
     if counts and all(entry.domain != DOMAIN for entry in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     logger.info("attached %d walkforge %sfunction(s) at opset %d for %s", len(added), "fp8-pool " * fp8,
@@ -148,4 +165,4 @@ def attach_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 
 __all__ = ["MIN_OPSET", "OPS", "PAGE_SIZE", "attach_functions", "fp8_kv_pool", "pool_is_fp8",
-           "translation_table"]
+           "register_cuda_kernels", "translation_table"]

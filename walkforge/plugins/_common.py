@@ -1,8 +1,10 @@
-"""Plumbing shared by the op modules: ONNX schema registration, function bodies, Triton launch."""
+"""Plumbing shared by the op modules: ONNX schema registration, pool checks, Triton launch arguments."""
 
 from __future__ import annotations
 
-import onnx
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import onnxscript
 import torch
 from onnx import defs
@@ -71,23 +73,25 @@ def pool_scales(pool: torch.Tensor, kv_scales: torch.Tensor | None
     return scales[:, 0], scales[:, 1]
 
 
-def fp8_decode_table() -> list[float]:
-    """Value of every float8_e4m3fn byte 0..255 (0x7F and 0xFF are NaN): the fp8 bodies' decoder."""
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    return codes.view(torch.float8_e4m3fn).float().tolist()
+def kernel_scales(pool: torch.Tensor, kv_scales: torch.Tensor | None) -> torch.Tensor:
+    """The `kv_scales` a kernel reads: as given (checked against the pool), or ones for a float32 pool
+    given none (its kernels never read them, but the pointer must be valid)."""
+    pool_scales(pool, kv_scales)  # dtype and scales shape checks
+    return torch.ones(pool.shape[0], 2, device=pool.device) if kv_scales is None else kv_scales.float()
 
 
-FP8_DECODE = fp8_decode_table()
+def launch_args(tensors: Mapping[str, torch.Tensor], scalars: Callable[[dict], dict]
+                ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(kernel arguments by parameter name: `<name>_ptr` per tensor, made contiguous, then the int32
+    `scalars(shapes)`; the shapes by tensor name, which the grid rule reads)."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    pointers = {f"{name}_ptr": t.contiguous() for name, t in tensors.items()}
+    return pointers | scalars(shapes), shapes
 
 
-def function_proto(body: onnxscript.OnnxFunction, opset: int, name: str | None = None) -> onnx.FunctionProto:
-    """The FunctionProto of an onnxscript body, its standard ops pinned to the model's `opset`,
-    named `name` (the op it implements; default: the body's Python name)."""
-    proto = body.to_function_proto()
-    proto.name = name or proto.name
-    del proto.opset_import[:]
-    proto.opset_import.append(onnx.helper.make_opsetid("", opset))
-    return proto
+def case_tensors(x: Mapping[str, Any], names: Sequence[str], device: str) -> tuple:
+    """`x[name]` on `device` for each name (None where `x` has none: optional inputs)."""
+    return tuple(x[name].to(device) if name in x else None for name in names)
 
 
 def check_triton_device(device: torch.device) -> None:

@@ -15,8 +15,17 @@ PLUGIN_NAMESPACE = "walkforge"
 
 PAGE_SIZE = 16
 """Default tokens per KV page."""
+
+
+def kv_pages(tokens: int, page_size: int = PAGE_SIZE) -> int:
+    """Pages that hold `tokens` KV positions: the one place this is computed."""
+    return -(-int(tokens) // int(page_size))
+
+
 POOL_K, POOL_V = 0, 1
 """Index of K and V along dim 1 of the pool."""
+POOL_IN, POOL_OUT = "pool", "pool_out"
+"""Names of the formal input and output that carry the page pool in every op's schema (found by name)."""
 
 MAX_HEAD_DIM = 256
 """Largest head_dim the Triton kernels are built for (a constexpr, padded to a power of two)."""

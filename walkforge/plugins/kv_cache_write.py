@@ -23,32 +23,45 @@ binds one buffer as both the pool input and the pool output.
 
 from __future__ import annotations
 
-import onnx
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from onnxscript import opset18 as op
-from onnxscript import opset19 as op19
 from onnxscript import script
 
 from walkforge.plugins._common import (
     WALKFORGE_OPSET,
+    case_tensors,
     check_triton_device,
+    kernel_scales,
+    launch_args,
     pool_scales,
     register_onnx_schema,
 )
-from walkforge.plugins.constants import FP8_MAX, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
+from walkforge.plugins.aot import AotKernel, eval_grid
+from walkforge.plugins.constants import (
+    FP8_MAX,
+    MAX_HEAD_DIM,
+    PLUGIN_NAMESPACE,
+    POOL_IN,
+    POOL_K,
+    POOL_OUT,
+    POOL_V,
+)
+from walkforge.plugins.pool_codec import EncodeUpdates
 
 ONNX_NAME = "KVCacheWrite"
-INV_LN2 = 1.4426950408889634
-FLOAT, FLOAT8E4M3FN, UINT8 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8
 ATTRIBUTES: dict[str, type] = {"plugin_namespace": str, "aot": int}
 
 SCHEMA = register_onnx_schema(
     ONNX_NAME,
-    inputs=[("pool", "P"), ("k", "T"), ("v", "T"), ("block_table", "I"), ("positions", "I"),
+    inputs=[(POOL_IN, "P"), ("k", "T"), ("v", "T"), ("block_table", "I"), ("positions", "I"),
             ("kv_scales", "T?")],
-    outputs=[("pool_out", "P")],
+    outputs=[(POOL_OUT, "P")],
     attributes=ATTRIBUTES,
     doc=__doc__,
 )
@@ -106,8 +119,8 @@ def translate(pool, k, v, block_table, positions, kv_scales=None):
 
 @script(WALKFORGE_OPSET, default_opset=op)
 def KVCacheWrite(pool, k, v, block_table, positions, kv_scales):  # noqa: N802 (ONNX op name)
-    """Function body (float32 pool; kv_scales unused): valid tokens only (NonZero + Gather), then
-    one ScatterND into the pool.
+    """Function body: valid tokens only (NonZero + Gather), encoded as the pool stores them
+    (`pool_codec.EncodeUpdates`), then one ScatterND into the pool.
 
     Skipped tokens are dropped rather than redirected: redirecting them to any slot (scratch or
     "re-write the old value") can collide with a valid token in the same ScatterND, whose order
@@ -125,7 +138,7 @@ def KVCacheWrite(pool, k, v, block_table, positions, kv_scales):  # noqa: N802 (
     kv = op.Concat(op.Unsqueeze(k, [1]), op.Unsqueeze(v, [1]), axis=1)  # [L, 2, B, KVH, S, D]
     kv = op.Transpose(kv, perm=[0, 1, 2, 4, 3, 5])  # [L, 2, B, S, KVH, D]
     kv = op.Reshape(kv, op.Concat([0, 0, -1], op.Shape(pool, start=4), axis=0))  # [L, 2, B*S, KVH, D]
-    updates = op.Gather(kv, keep, axis=2)  # [L, 2, N, KVH, D]
+    updates = EncodeUpdates(op.Gather(kv, keep, axis=2), kv_scales)  # [L, 2, N, KVH, D], the pool's type
 
     n_layers = op.Shape(pool, start=0, end=1)
     grid = op.Concat(n_layers, [2], op.Shape(keep), [1], axis=0)  # [L, 2, N, 1]
@@ -136,57 +149,10 @@ def KVCacheWrite(pool, k, v, block_table, positions, kv_scales):  # noqa: N802 (
     return op.ScatterND(pool, indices, updates)
 
 
-@script(WALKFORGE_OPSET, default_opset=op19)
-def KVCacheWriteFP8(pool, k, v, block_table, positions, kv_scales):  # noqa: N802
-    """Function body for an fp8 pool carried as UINT8 bytes: the float32 body's indices, the
-    updates quantised (x / scale, saturating Cast to FLOAT8E4M3FN, nearest even) and encoded to
-    their E4M3 bytes arithmetically (ONNX has no bitcast): with r the fp8 value, a = |r|,
-    e = max(floor(log2 a), -6), byte = 8e + 48 + 8 a 2^-e (+128 if negative); e = -6 also
-    covers the subnormals (512 a). log2 is corrected by one step where Log rounds across 2^e.
-    """
-    page_size = op19.Shape(pool, start=3, end=4)
-    valid = op19.Reshape(op19.GreaterOrEqual(positions, op19.Constant(value_int=0)), [-1])
-    keep = op19.Reshape(op19.NonZero(valid), [-1])
-    pos = op19.Max(positions, op19.Constant(value_int=0))
-    page = op19.GatherElements(op19.Max(block_table, op19.Constant(value_int=0)), op19.Div(pos, page_size),
-                               axis=1)  # fmt: skip
-    slot = op19.Mod(pos, page_size)
-    page_slot = op19.Concat(op19.Unsqueeze(page, [-1]), op19.Unsqueeze(slot, [-1]), axis=-1)
-    page_slot = op19.Gather(op19.Reshape(page_slot, [-1, 2]), keep, axis=0)  # [N, 2]
-
-    kv = op19.Concat(op19.Unsqueeze(k, [1]), op19.Unsqueeze(v, [1]), axis=1)  # [L, 2, B, KVH, S, D]
-    kv = op19.Transpose(kv, perm=[0, 1, 2, 4, 3, 5])
-    kv = op19.Reshape(kv, op19.Concat([0, 0, -1], op19.Shape(pool, start=4), axis=0))
-    x = op19.Div(op19.Gather(kv, keep, axis=2), op19.Reshape(kv_scales, [0, 2, 1, 1, 1]))  # [L, 2, N, KVH, D]
-    r = op19.Cast(op19.Cast(x, to=FLOAT8E4M3FN, saturate=1), to=FLOAT)  # the fp8 value, exact in float
-    a = op19.Abs(r)
-    e = op19.Floor(op19.Mul(op19.Log(a), op19.Constant(value_float=INV_LN2)))
-    two = op19.Constant(value_float=2.0)
-    p = op19.Pow(two, e)
-    e = op19.Add(op19.Sub(e, op19.Cast(op19.Greater(p, a), to=FLOAT)),
-                 op19.Cast(op19.LessOrEqual(op19.Mul(p, two), a), to=FLOAT))  # fmt: skip
-    e = op19.Max(e, op19.Constant(value_float=-6.0))
-    eight = op19.Constant(value_float=8.0)
-    mag = op19.Add(op19.Mul(eight, op19.Add(e, op19.Constant(value_float=6.0))),
-                   op19.Mul(eight, op19.Mul(a, op19.Pow(two, op19.Neg(e)))))  # fmt: skip
-    sign = op19.Mul(op19.Cast(op19.Less(x, op19.Constant(value_float=0.0)), to=FLOAT),
-                    op19.Constant(value_float=128.0))  # fmt: skip
-    updates = op19.Cast(op19.Add(mag, sign), to=UINT8)
-
-    n_layers = op19.Shape(pool, start=0, end=1)
-    grid = op19.Concat(n_layers, [2], op19.Shape(keep), [1], axis=0)
-    layer_idx = op19.Expand(op19.Reshape(op19.Range(0, op19.Squeeze(n_layers), 1), [-1, 1, 1, 1]), grid)
-    kv_idx = op19.Expand(op19.Reshape(op19.Constant(value_ints=[0, 1]), [1, 2, 1, 1]), grid)
-    page_slot = op19.Expand(op19.Unsqueeze(page_slot, [0, 1]), op19.Concat(n_layers, [2, 1, 2], axis=0))
-    indices = op19.Concat(layer_idx, kv_idx, page_slot, axis=-1)
-    return op19.ScatterND(pool, indices, updates)
-
-
 TORCH_OP = torch.ops.walkforge.kv_cache_write.default
-FUNCTION = KVCacheWrite
-"""The onnxscript body; `_common.function_proto(FUNCTION, opset)` gives the FunctionProto."""
-FUNCTION_FP8 = KVCacheWriteFP8
-"""The body for an fp8 pool (UINT8 bytes); needs opset >= 19."""
+BODY = KVCacheWrite
+"""The onnxscript body; `pool_codec.function_proto(BODY, opset, ONNX_NAME, pool_dtype)` gives the
+FunctionProto for a pool dtype."""
 
 
 # ---------------------------------------------------------------- Triton
@@ -260,6 +226,38 @@ def launch_config(kv_heads: int, head_dim: int, page_size: int) -> dict[str, int
 
 
 GRID_RULE = "(S, B, 1): S = k.shape[3], B = k.shape[1]"
+SIGNATURE = {
+    "pool_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
+    "block_table_ptr": "*i64", "positions_ptr": "*i64", "kv_scales_ptr": "*fp32",
+    "num_layers": "i32", "batch": "i32", "seq_len": "i32", "num_pages": "i32", "max_pages": "i32",
+}  # fmt: skip
+"""Runtime parameters of `kv_cache_write_kernel`, TensorRT AOT order (the pool pointer is the output too)."""
+AOT = AotKernel(kv_cache_write_kernel, SIGNATURE,
+                lambda d: launch_config(d.kv_heads, d.head_dim, d.page_size), GRID_RULE)
+
+
+def scalars(shapes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """The kernel's int32 arguments from the input shapes by name (ints, or TensorRT shape expressions)."""
+    k, pool, block_table = shapes["k"], shapes["pool"], shapes["block_table"]  # k: [L, B, KVH, S, D]
+    return {"num_layers": k[0], "batch": k[1], "seq_len": k[3], "num_pages": pool[2],
+            "max_pages": block_table[1]}
+
+
+def kernel_args(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
+                positions: torch.Tensor, kv_scales: torch.Tensor | None = None
+                ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], torch.Tensor]:
+    """(`kv_cache_write_kernel` arguments by parameter name, input shapes by name, output): the kernel
+    writes into `pool` (contiguous) in place, so the output is `pool`."""
+    if not pool.is_contiguous():
+        raise ValueError("kv_cache_write_triton writes the pool in place: it must be contiguous")
+    tensors = {"pool": pool, "k": k, "v": v, "block_table": block_table, "positions": positions,
+               "kv_scales": kernel_scales(pool, kv_scales)}  # fmt: skip
+    return *launch_args(tensors, scalars), pool
+
+
+def case_args(x: Mapping[str, Any], device: str = "cpu") -> tuple:
+    """The op's arguments from a plugin case (tests/plugins/plugin_cases.make_inputs) on `device`."""
+    return case_tensors(x, ("pool", "k_all", "v_all", "block_table", "positions", "kv_scales"), device)
 
 
 def kv_cache_write_triton(
@@ -271,15 +269,37 @@ def kv_cache_write_triton(
     kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton kv write, IN PLACE into `pool` (contiguous); returns `pool`. Shapes as the module doc."""
-    n_layers, _, num_pages, page_size, kv_heads, head_dim = pool.shape
-    batch, seq_len = positions.shape
-    pool_scales(pool, kv_scales)  # dtype and scales shape checks
-    if kv_scales is None:
-        kv_scales = torch.ones(n_layers, 2, device=pool.device)
-    tensors = [t.contiguous() for t in (k, v, block_table, positions, kv_scales.float())]
+    args, shapes, _ = kernel_args(pool, k, v, block_table, positions, kv_scales)
+    config = launch_config(*pool.shape[4:], pool.shape[3])
     check_triton_device(pool.device)
-    kv_cache_write_kernel[(seq_len, batch, 1)](
-        pool, *tensors, n_layers, batch, seq_len, num_pages, block_table.shape[1],
-        **launch_config(kv_heads, head_dim, page_size),
-    )  # fmt: skip
+    kv_cache_write_kernel[eval_grid(GRID_RULE, shapes, config)](**args, **config)
     return pool
+
+
+# ---------------------------------------------------------------- CUDA dispatch
+
+
+def _kv_cache_write_cuda(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
+                         positions: torch.Tensor, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """walkforge::kv_cache_write on CUDA: a copy of `pool` written by the Triton kernel.
+    K/V are cast to float32 (bf16 K/V into a float32 pool; an fp8 pool quantises from float32)."""
+    out = pool.clone(memory_format=torch.contiguous_format)
+    return kv_cache_write_triton(out, k.float(), v.float(), block_table, positions, kv_scales)
+
+
+def register_cuda() -> None:
+    """Dispatch `walkforge::kv_cache_write` on CUDA tensors to the Triton kernel (idempotent);
+    CPU tensors keep the eager reference."""
+    kv_cache_write.register_kernel("cuda", _kv_cache_write_cuda)
+
+
+# ---------------------------------------------------------------- TensorRT
+
+
+def register_trt(record: Mapping[str, Any], ptx: str) -> None:
+    """TensorRT plugin `walkforge::KVCacheWrite` running `record`'s AOT kernel: pool' is the pool
+    input aliased (written in place)."""
+    from walkforge.plugins.trt_plugins import register_aot_plugin
+
+    register_aot_plugin(sys.modules[__name__], record, ptx, lambda descs: descs[POOL_IN].aliased(),
+                        lambda shapes, attrs: scalars(shapes))  # fmt: skip

@@ -19,30 +19,36 @@ A float32 pool ignores kv_scales. In ONNX an fp8 pool travels as UINT8 bytes (se
 
 from __future__ import annotations
 
-import onnx
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from onnxscript import opset18 as op
-from onnxscript import opset19 as op19
 from onnxscript import script
 
 from walkforge.plugins._common import (
-    FP8_DECODE,
     WALKFORGE_OPSET,
+    case_tensors,
     check_triton_device,
+    kernel_scales,
+    launch_args,
     pool_scales,
     register_onnx_schema,
 )
-from walkforge.plugins.constants import MASK_FILL, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_K, POOL_V
+from walkforge.plugins.aot import AotKernel, eval_grid
+from walkforge.plugins.constants import MASK_FILL, MAX_HEAD_DIM, PLUGIN_NAMESPACE, POOL_IN, POOL_K, POOL_V
+from walkforge.plugins.pool_codec import DecodePages
 
 ONNX_NAME = "PagedAttention"
-INT32 = onnx.TensorProto.INT32
 ATTRIBUTES: dict[str, type] = {"layer": int, "scale": float, "plugin_namespace": str, "aot": int}
 
 SCHEMA = register_onnx_schema(
     ONNX_NAME,
-    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("pool", "P"), ("block_table", "I"),
+    inputs=[("q", "T"), ("k", "T"), ("v", "T"), (POOL_IN, "P"), ("block_table", "I"),
             ("prefix_lens", "I"), ("suffix_mask", "M"), ("kv_scales", "T?")],
     outputs=[("out", "T")],
     attributes=ATTRIBUTES,
@@ -109,18 +115,22 @@ def translate(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer: int, 
 
 @script(WALKFORGE_OPSET, default_opset=op)
 def PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales, layer: int, scale: float):  # noqa: N802
-    """Function body (float32 pool; kv_scales unused); `layer` and `scale` are attribute
-    references, so one body serves every node.
+    """Function body; `layer` and `scale` are attribute references, so one body serves every node.
+    The request's pages are read as float32 by `pool_codec.DecodePages` (fp8: bytes times the scale).
 
     Masking uses Where on float logits with a bool condition (onnxruntime CPU has no Where for
     bool *values*; bool conditions are fine) and Concat/Expand of bool tensors.
     """
-    layer_pool = op.Gather(pool, op.Constant(value_int=layer), axis=0)  # [2, NP, PS, KVH, D]
+    layer_idx = op.Constant(value_int=layer)
+    k_idx, v_idx = op.Constant(value_int=POOL_K), op.Constant(value_int=POOL_V)
+    layer_pool = op.Gather(pool, layer_idx, axis=0)  # [2, NP, PS, KVH, D]
     pages = op.Max(block_table, op.Constant(value_int=0))
     kv_d = op.Shape(pool, start=4)  # [KVH, D]
     flat = op.Concat(op.Shape(block_table, start=0, end=1), [-1], kv_d, axis=0)  # [B, -1, KVH, D]
-    k_pages = op.Gather(op.Gather(layer_pool, 0, axis=0), pages, axis=0)  # [B, MP, PS, KVH, D]
-    v_pages = op.Gather(op.Gather(layer_pool, 1, axis=0), pages, axis=0)
+    k_pages = op.Gather(op.Gather(layer_pool, k_idx, axis=0), pages, axis=0)  # [B, MP, PS, KVH, D]
+    v_pages = op.Gather(op.Gather(layer_pool, v_idx, axis=0), pages, axis=0)
+    k_pages = DecodePages(k_pages, kv_scales, layer_idx, k_idx)  # float32
+    v_pages = DecodePages(v_pages, kv_scales, layer_idx, v_idx)
     k_pre = op.Transpose(op.Reshape(k_pages, flat), perm=[0, 2, 1, 3])  # [B, KVH, T, D]
     v_pre = op.Transpose(op.Reshape(v_pages, flat), perm=[0, 2, 1, 3])
     keys = op.Unsqueeze(op.Concat(k_pre, k, axis=2), [2])  # [B, KVH, 1, T+S, D]
@@ -142,48 +152,10 @@ def PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scal
     return op.Reshape(out, q_shape)
 
 
-@script(WALKFORGE_OPSET, default_opset=op19)
-def PagedAttentionFP8(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales, layer: int,  # noqa: N802
-                      scale: float):
-    """Function body for an fp8 pool carried as UINT8 bytes: the float32 body, with the request's
-    pages decoded (Gather of the byte into a 256-entry E4M3 value table) times the layer's scale."""
-    layer_pool = op19.Gather(pool, op19.Constant(value_int=layer), axis=0)  # [2, NP, PS, KVH, D] bytes
-    layer_scales = op19.Gather(kv_scales, op19.Constant(value_int=layer), axis=0)  # [2]
-    decode = op19.Constant(value_floats=FP8_DECODE)  # [256]
-    pages = op19.Max(block_table, op19.Constant(value_int=0))
-    kv_d = op19.Shape(pool, start=4)
-    flat = op19.Concat(op19.Shape(block_table, start=0, end=1), [-1], kv_d, axis=0)
-    k_pages = op19.Gather(op19.Gather(layer_pool, 0, axis=0), pages, axis=0)  # [B, MP, PS, KVH, D] bytes
-    v_pages = op19.Gather(op19.Gather(layer_pool, 1, axis=0), pages, axis=0)
-    k_scale, v_scale = op19.Gather(layer_scales, 0), op19.Gather(layer_scales, 1)
-    k_pages = op19.Mul(op19.Gather(decode, op19.Cast(k_pages, to=INT32), axis=0), k_scale)  # float32
-    v_pages = op19.Mul(op19.Gather(decode, op19.Cast(v_pages, to=INT32), axis=0), v_scale)
-    k_pre = op19.Transpose(op19.Reshape(k_pages, flat), perm=[0, 2, 1, 3])  # [B, KVH, T, D]
-    v_pre = op19.Transpose(op19.Reshape(v_pages, flat), perm=[0, 2, 1, 3])
-    keys = op19.Unsqueeze(op19.Concat(k_pre, k, axis=2), [2])
-    values = op19.Unsqueeze(op19.Concat(v_pre, v, axis=2), [2])
-
-    q_shape = op19.Shape(q)
-    q5 = op19.Reshape(q, op19.Concat(op19.Shape(k, start=0, end=2), [-1], op19.Shape(q, start=2), axis=0))
-    logits = op19.Mul(op19.MatMul(q5, op19.Transpose(keys, perm=[0, 1, 2, 4, 3])),
-                      op19.Constant(value_float=scale))  # fmt: skip
-    seq = op19.Shape(q, start=2, end=3)
-    n_prefix = op19.Shape(k_pre, start=2, end=3)
-    prefix_ok = op19.Less(op19.Range(0, op19.Squeeze(n_prefix), 1), op19.Unsqueeze(prefix_lens, [1]))
-    batch = op19.Shape(q, start=0, end=1)
-    prefix_ok = op19.Expand(op19.Unsqueeze(prefix_ok, [1]), op19.Concat(batch, seq, n_prefix, axis=0))
-    suffix_ok = op19.Expand(op19.Unsqueeze(suffix_mask, [0]), op19.Concat(batch, seq, seq, axis=0))
-    allowed = op19.Unsqueeze(op19.Concat(prefix_ok, suffix_ok, axis=-1), [1, 2])
-    logits = op19.Where(allowed, logits, op19.Constant(value_float=MASK_FILL))
-    out = op19.MatMul(op19.Softmax(logits, axis=-1), values)
-    return op19.Reshape(out, q_shape)
-
-
 TORCH_OP = torch.ops.walkforge.paged_attention.default
-FUNCTION = PagedAttention
-"""The onnxscript body; `_common.function_proto(FUNCTION, opset)` gives the FunctionProto."""
-FUNCTION_FP8 = PagedAttentionFP8
-"""The body for an fp8 pool (UINT8 bytes); needs opset >= 19."""
+BODY = PagedAttention
+"""The onnxscript body; `pool_codec.function_proto(BODY, opset, ONNX_NAME, pool_dtype)` gives the
+FunctionProto for a pool dtype."""
 
 
 # ---------------------------------------------------------------- Triton
@@ -278,6 +250,43 @@ def launch_config(num_heads: int, kv_heads: int, head_dim: int, page_size: int, 
 
 
 GRID_RULE = "(cdiv(S, BLOCK_M), H, B): S = q.shape[2], H = q.shape[1], B = q.shape[0]"
+SIGNATURE = {  # TensorRT AOT order: input pointers, int32 scalars, output pointers
+    "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "pool_ptr": "*fp32",
+    "block_table_ptr": "*i64", "prefix_lens_ptr": "*i64", "mask_ptr": "*i1", "kv_scales_ptr": "*fp32",
+    "seq_len": "i32", "num_pages": "i32", "max_pages": "i32", "layer": "i32", "out_ptr": "*fp32",
+}  # fmt: skip
+"""Runtime parameters of `paged_attention_kernel`."""
+AOT = AotKernel(paged_attention_kernel, SIGNATURE,
+                lambda d: launch_config(d.num_heads, d.kv_heads, d.head_dim, d.page_size, d.scale), GRID_RULE)
+
+
+def scalars(shapes: Mapping[str, Sequence[Any]], layer: Any) -> dict[str, Any]:
+    """The kernel's int32 arguments from the input shapes by name (ints, or TensorRT shape expressions)."""
+    return {"seq_len": shapes["q"][2], "num_pages": shapes["pool"][2], "max_pages": shapes["block_table"][1],
+            "layer": layer}  # fmt: skip
+
+
+def kernel_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
+                block_table: torch.Tensor, prefix_lens: torch.Tensor, suffix_mask: torch.Tensor, layer: int,
+                scale: float, kv_scales: torch.Tensor | None = None
+                ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], torch.Tensor]:
+    """(`paged_attention_kernel` arguments by parameter name, input shapes by name, the new output
+    [B, H, S, D]); `scale` is the kernel's constexpr, not an argument."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    tensors = {"q": q, "k": k, "v": v, "pool": pool, "block_table": block_table, "prefix_lens": prefix_lens,
+               "mask": suffix_mask, "kv_scales": kernel_scales(pool, kv_scales)}  # fmt: skip
+    args, shapes = launch_args(tensors, lambda shapes: scalars(shapes, layer))
+    return args | {"out_ptr": out}, shapes, out
+
+
+def case_args(x: Mapping[str, Any], device: str = "cpu") -> tuple:
+    """The op's arguments from a plugin case (tests/plugins/plugin_cases.make_inputs) on `device`:
+    layer `x["layer"]`'s own K/V."""
+    layer = x["layer"]
+    q, pool, block_table, prefix_lens, suffix_mask, kv_scales = case_tensors(
+        x, ("q", "pool", "block_table", "prefix_lens", "suffix_mask", "kv_scales"), device)
+    k, v = (x[name][layer].to(device) for name in ("k_all", "v_all"))
+    return q, k, v, pool, block_table, prefix_lens, suffix_mask, layer, x["scale"], kv_scales
 
 
 def paged_attention_triton(
@@ -293,20 +302,46 @@ def paged_attention_triton(
     kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton paged attention; same contract as `paged_attention`. Returns a new [B, H, S, D]."""
-    batch, heads, seq_len, head_dim = q.shape
-    n_layers, _, num_pages, page_size, kv_heads, _ = pool.shape
-    pool_scales(pool, kv_scales)  # dtype and scales shape checks
-    if kv_scales is None:
-        kv_scales = torch.ones(n_layers, 2, device=pool.device)
-    q, k, v, block_table, prefix_lens, suffix_mask, kv_scales = (
-        t.contiguous() for t in (q, k, v, block_table, prefix_lens, suffix_mask, kv_scales.float())
-    )
-    out = torch.empty_like(q)
-    config = launch_config(heads, kv_heads, head_dim, page_size, scale)
-    grid = (triton.cdiv(seq_len, config["BLOCK_M"]), heads, batch)
+    args, shapes, out = kernel_args(q, k, v, pool, block_table, prefix_lens, suffix_mask, layer, scale,
+                                    kv_scales)  # fmt: skip
+    config = launch_config(q.shape[1], k.shape[1], q.shape[3], pool.shape[3], scale)
     check_triton_device(q.device)
-    paged_attention_kernel[grid](
-        q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales,
-        seq_len, num_pages, block_table.shape[1], layer, out, **config,
-    )  # fmt: skip
+    paged_attention_kernel[eval_grid(GRID_RULE, shapes, config)](**args, **config)
     return out
+
+
+# ---------------------------------------------------------------- CUDA dispatch
+
+
+def _paged_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
+                          block_table: torch.Tensor, prefix_lens: torch.Tensor, suffix_mask: torch.Tensor,
+                          layer: int, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """walkforge::paged_attention on CUDA: the Triton kernel in float32 over a float32 or fp8 pool,
+    returned in q's dtype."""
+    out = paged_attention_triton(q.float(), k.float(), v.float(), pool, block_table, prefix_lens,
+                                 suffix_mask, layer, scale, kv_scales)  # fmt: skip
+    return out.to(q.dtype)
+
+
+def register_cuda() -> None:
+    """Dispatch `walkforge::paged_attention` on CUDA tensors to the Triton kernel (idempotent);
+    CPU tensors keep the eager reference."""
+    paged_attention.register_kernel("cuda", _paged_attention_cuda)
+
+
+# ---------------------------------------------------------------- TensorRT
+
+
+def register_trt(record: Mapping[str, Any], ptx: str) -> None:
+    """TensorRT plugin `walkforge::PagedAttention` running `record`'s AOT kernel: out is like q.
+    The node's `scale` must be the one the kernel was compiled with (a constexpr)."""
+    from walkforge.plugins.trt_plugins import register_aot_plugin
+
+    compiled = record["constexprs"]["SCALE"]
+
+    def kernel_scalars(shapes: Mapping[str, Sequence[Any]], attrs: Mapping[str, Any]) -> dict[str, Any]:
+        if not math.isclose(attrs["scale"], compiled, rel_tol=1e-6):
+            raise ValueError(f"node scale {attrs['scale']} != kernel SCALE {compiled} (recompile kernels)")
+        return scalars(shapes, attrs["layer"])
+
+    register_aot_plugin(sys.modules[__name__], record, ptx, lambda descs: descs["q"].like(), kernel_scalars)

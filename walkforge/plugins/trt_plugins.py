@@ -1,8 +1,11 @@
 """TensorRT registration of the walkforge plugins: `tensorrt.plugin` descriptors + AOT kernels.
 
-For every walkforge op a bundle's walks use, `register_plugins` registers
-`walkforge::<Op>` with `tensorrt.plugin.register` (output shape/type) and `aot_impl` (the
-bundle's ahead-of-time Triton kernel for this GPU: PTX, launch grid, int32 scalar arguments).
+For every walkforge op a bundle's walks use, `register_plugins` calls the op module's
+`register_trt(record, ptx)`, which hands `register_aot_plugin` what is the op's own (its output
+rule and int32 kernel arguments); this module registers `walkforge::<Op>` with
+`tensorrt.plugin.register` (inputs and attributes from the op's ONNX schema, output shape/type)
+and `aot_impl` (the bundle's ahead-of-time Triton kernel for this GPU: PTX, the record's grid
+rule, int32 scalar arguments in signature order).
 TensorRT's parser then maps each ONNX node (op_type = plugin name, `plugin_namespace`
 "walkforge", `aot=1`) to the plugin, and the kernel is embedded in the engine: running the plan
 needs no Python plugin code.
@@ -15,28 +18,28 @@ body instead, and the returned status says why.
 Kernel records are those of `plugins.aot.compile_kernels`, listed in the manifest under
 "kernels"; the PTX is inline ("ptx") or in a bundle file ("ptx_file"). TensorRT's AOT path
 takes PTX only (not cubin). This module imports TensorRT lazily and deliberately has no
-`from __future__ import annotations`: `tensorrt.plugin.register` reads the descriptor's type hints.
+`from __future__ import annotations`: `tensorrt.plugin.register` reads the descriptor's type hints
+(given here as real types through `__signature__`, so the op modules need not care).
 """
 
 import hashlib
+import inspect
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import onnx
 
 from walkforge.errors import WalkforgeError
-from walkforge.plugins.constants import DOMAIN, FP8_KERNEL_SUFFIX, PLUGIN_NAMESPACE
+from walkforge.plugins.constants import DOMAIN, PLUGIN_NAMESPACE, POOL_OUT
 
 log = logging.getLogger(__name__)
 
 WARP_SIZE = 32
-KERNELS = {"PagedAttention": "paged_attention_kernel", "KVCacheWrite": "kv_cache_write_kernel"}
-"""ONNX op -> Triton kernel (the `kernel` field of its AOT records)."""
-ARITY = {"PagedAttention": (8, 1, ()), "KVCacheWrite": (6, 1, ("pool_out",))}
-"""ONNX op -> (inputs, outputs, outputs aliased to an input) of its node (kv_scales included)."""
+PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+"""ONNX node attributes TensorRT's parser consumes itself; the plugin gets the op's other attributes."""
 _REGISTERED: dict[str, str] = {}
 """Plugin id -> sha256 of the PTX registered in this process (registration is process-global)."""
 
@@ -111,6 +114,14 @@ def block_threads(record: Mapping[str, Any]) -> int:
     return int(record["num_warps"]) * WARP_SIZE
 
 
+def arity(module: ModuleType) -> tuple[int, int, int]:
+    """(inputs, outputs, outputs aliased to an input) of an op's node, from its schema: the pool
+    output POOL_OUT is written in place into the pool input."""
+    schema = module.SCHEMA
+    aliased = sum(p.name == POOL_OUT for p in schema.outputs)
+    return len(schema.inputs), len(schema.outputs), aliased
+
+
 # ---------------------------------------------------------------- registration
 
 
@@ -121,89 +132,96 @@ def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch:
     op's ONNX body when no plugin is registered). Raises WalkforgeError if this process already
     registered a different kernel under the same plugin id (registration cannot be undone).
     """
+    from walkforge.plugins import _OP_MODULES, _ops
+    from walkforge.plugins.aot import kernel_name
+
     status = {}
-    for op in ops_used(bundle_root, manifest):
-        if op not in KERNELS:
+    used = ops_used(bundle_root, manifest)
+    ops = _ops() if set(used) & set(_OP_MODULES) else {}  # the op modules import torch and Triton
+    for op in used:
+        if op not in ops:
             status[op] = "onnx-function (no TensorRT plugin for this op)"
             continue
         try:
-            kernel = KERNELS[op] + (FP8_KERNEL_SUFFIX if pool_dtype(manifest) != "float32" else "")
+            kernel = kernel_name(ops[op].AOT.name, pool_dtype(manifest))
             record = kernel_record(manifest.get("kernels", []), kernel, arch)
-            n_in, n_out, aliased = ARITY[op]
-            check_abi(record, n_in, n_out, len(aliased))
+            check_abi(record, *arity(ops[op]))
             ptx = read_ptx(bundle_root, record)
         except WalkforgeError as exc:
             log.warning("walkforge::%s runs as its ONNX function body under TensorRT: %s", op, exc)
             status[op] = f"onnx-function ({exc})"
             continue
-        _register(op, record, ptx)
+        _register(ops[op], record, ptx)
         status[op] = "aot"
     return status
 
 
-def _register(op: str, record: dict[str, Any], ptx: str) -> None:
-    plugin_id = f"{PLUGIN_NAMESPACE}::{op}"
+def _register(module: ModuleType, record: dict[str, Any], ptx: str) -> None:
+    plugin_id = f"{PLUGIN_NAMESPACE}::{module.ONNX_NAME}"
     digest = hashlib.sha256(ptx.encode()).hexdigest()
     if plugin_id in _REGISTERED:
         if _REGISTERED[plugin_id] != digest:
             raise WalkforgeError(f"{plugin_id} is already registered with another kernel in this process; "
                                  "build each bundle in its own process")
         return
-    {"PagedAttention": _register_paged_attention, "KVCacheWrite": _register_kv_cache_write}[op](record, ptx)
+    module.register_trt(record, ptx)
     _REGISTERED[plugin_id] = digest
     log.info("registered %s (AOT %s for %s, PTX ISA %s)", plugin_id, record["function_name"],
              record["arch"], record.get("ptx_isa"))
 
 
-def _register_paged_attention(record: dict[str, Any], ptx: str) -> None:
-    """out [B, H, S, D] = PagedAttention(q, k, v, pool, block_table, prefix_lens, suffix_mask)."""
+Shapes = Mapping[str, Sequence[Any]]
+
+
+def register_aot_plugin(module: ModuleType, record: Mapping[str, Any], ptx: str,
+                        output: Callable[[Mapping[str, Any]], Any],
+                        scalars: Callable[[Shapes, Mapping[str, Any]], Mapping[str, Any]]) -> None:
+    """Register `walkforge::<op>` for an op module (its SCHEMA, ATTRIBUTES, ONNX_NAME) with TensorRT.
+
+    `output(descs)`: the output TensorDesc from the input TensorDescs by name (e.g. `q.like()`,
+    `pool.aliased()`); `scalars(shapes, attrs)`: the kernel's int32 arguments by name from the input
+    shape expressions and the node's attributes. The grid is the record's rule, symbolically.
+    """
     import tensorrt.plugin as trtp
 
-    consts = record["constexprs"]
+    plugin_id = f"{PLUGIN_NAMESPACE}::{module.ONNX_NAME}"
+    tensors = [p.name for p in module.SCHEMA.inputs]
+    attrs = {name: kind for name, kind in module.ATTRIBUTES.items() if name not in PARSER_ATTRIBUTES}
 
-    @trtp.register("walkforge::PagedAttention")
-    def _descriptor(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, pool: trtp.TensorDesc,
-                    block_table: trtp.TensorDesc, prefix_lens: trtp.TensorDesc,
-                    suffix_mask: trtp.TensorDesc, kv_scales: trtp.TensorDesc, layer: int,
-                    scale: float) -> trtp.TensorDesc:
-        return q.like()
+    def descriptor(*args: Any, **kwargs: Any) -> Any:
+        bound = descriptor.__signature__.bind(*args, **kwargs).arguments
+        return output({name: bound[name] for name in tensors})
 
-    @trtp.aot_impl("walkforge::PagedAttention")
-    def _aot(q, k, v, pool, block_table, prefix_lens, suffix_mask, kv_scales, layer, scale, outputs, tactic):
-        if not math.isclose(scale, consts["SCALE"], rel_tol=1e-6):
-            raise ValueError(f"node scale {scale} != kernel SCALE {consts['SCALE']} (recompile kernels)")
-        batch, heads, seq = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(seq, consts["BLOCK_M"])  # grid (cdiv(S, BLOCK_M), H, B)
-        launch.grid_y = heads
-        launch.grid_z = batch
-        launch.block_x = block_threads(record)
-        launch.shared_mem = record["shared_mem"]
-        # seq_len, num_pages, max_pages, layer
-        scalars = [seq, pool.shape_expr[2], block_table.shape_expr[1], layer]
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(s) for s in scalars])
-        return record["function_name"].encode(), ptx.encode(), launch, extra
+    def aot(*args: Any, **kwargs: Any) -> tuple:
+        bound = aot.__signature__.bind(*args, **kwargs).arguments
+        shapes = {name: bound[name].shape_expr for name in tensors}
+        return aot_launch(record, ptx, shapes, scalars(shapes, {a: bound[a] for a in attrs}))
+
+    hints = {**dict.fromkeys(tensors, trtp.TensorDesc), **attrs}
+    descriptor.__signature__ = _signature([*tensors, *attrs], hints, trtp.TensorDesc)
+    aot.__signature__ = _signature([*tensors, *attrs, "outputs", "tactic"], {}, inspect.Signature.empty)
+    trtp.register(plugin_id)(descriptor)
+    trtp.aot_impl(plugin_id)(aot)
 
 
-def _register_kv_cache_write(record: dict[str, Any], ptx: str) -> None:
-    """pool' (aliased to pool: written in place) = KVCacheWrite(pool, k, v, block_table, positions,
-    kv_scales)."""
+def _signature(names: Sequence[str], annotations: Mapping[str, Any], returns: Any) -> inspect.Signature:
+    kind, empty = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty
+    params = [inspect.Parameter(name, kind, annotation=annotations.get(name, empty)) for name in names]
+    return inspect.Signature(params, return_annotation=returns)
+
+
+def aot_launch(record: Mapping[str, Any], ptx: str, shapes: Shapes, scalars: Mapping[str, Any]) -> tuple:
+    """What an `aot_impl` returns: (kernel name, PTX, launch parameters, int32 scalar arguments in
+    the record's signature order). Grid from the record's rule over TensorRT shape expressions."""
     import tensorrt.plugin as trtp
 
-    @trtp.register("walkforge::KVCacheWrite")
-    def _descriptor(pool: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
-                    block_table: trtp.TensorDesc, positions: trtp.TensorDesc,
-                    kv_scales: trtp.TensorDesc) -> trtp.TensorDesc:
-        return pool.aliased()
+    from walkforge.plugins.aot import eval_grid
 
-    @trtp.aot_impl("walkforge::KVCacheWrite")
-    def _aot(pool, k, v, block_table, positions, kv_scales, outputs, tactic):
-        layers, batch, seq = k.shape_expr[0], k.shape_expr[1], k.shape_expr[3]  # k: [L, B, KVH, S, D]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = seq  # grid (S, B, 1)
-        launch.grid_y = batch
-        launch.block_x = block_threads(record)
-        launch.shared_mem = record["shared_mem"]
-        scalars = [layers, batch, seq, pool.shape_expr[2], block_table.shape_expr[1]]
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(s) for s in scalars])
-        return record["function_name"].encode(), ptx.encode(), launch, extra
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x, launch.grid_y, launch.grid_z = eval_grid(record["grid"], shapes, record["constexprs"],
+                                                            cdiv=trtp.cdiv)  # fmt: skip
+    launch.block_x = block_threads(record)
+    launch.shared_mem = record["shared_mem"]
+    ints = [scalars[name] for name, kind in record["signature"].items() if kind == "i32"]
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(value) for value in ints])
+    return record["function_name"].encode(), ptx.encode(), launch, extra

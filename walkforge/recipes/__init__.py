@@ -1,34 +1,30 @@
-"""Model recipes. Each recipe module defines:
-
-- `NAME`, a config dataclass `Config`, `VARIANTS: dict[str, Config]` (always with "tiny");
-- `build(cfg) -> torch.nn.Module` (seeded random init is done by the caller);
-- `walks(model, cfg) -> Sequential` — the graph walks, with example inputs;
-- `KEY_MAP: KeyMap` and `read_checkpoint(folder) -> (cfg, tensors)` for native checkpoints;
-- `fake_inputs(cfg, batch, seed) -> dict[str, np.ndarray]` — valid run-time inputs.
+"""Model recipes: one package per model family, each exposing a `Recipe` as `RECIPE`
+(see recipes/recipe.py for what it declares and docs/adding_a_recipe.md for how to add one).
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
 from walkforge.errors import WalkforgeError
 from walkforge.recipes.configs import did_you_mean
+from walkforge.recipes.recipe import Recipe
 
-RECIPES = {"vae": "walkforge.recipes.vae", "pi0": "walkforge.recipes.pi0"}
+# name → the package that exposes its RECIPE; one line per recipe.
+RECIPES = {
+    "vae": "walkforge.recipes.vae",
+    "pi0": "walkforge.recipes.pi0",
+}
+
+__all__ = ["RECIPES", "Recipe", "get_recipe"]
 
 
-def get_recipe(name: str) -> ModuleType:
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe `name`; an unknown name is a user error with a did-you-mean."""
     if name not in RECIPES:
         raise WalkforgeError(f"unknown recipe '{name}'{did_you_mean(name, RECIPES)}; "
                              f"known: {', '.join(sorted(RECIPES))}")
-    return importlib.import_module(RECIPES[name])
-
-
-def get_variant(recipe: ModuleType, variant: str):
-    if variant not in recipe.VARIANTS:
-        raise WalkforgeError(
-            f"recipe '{recipe.NAME}' has no variant '{variant}'"
-            f"{did_you_mean(variant, recipe.VARIANTS)}; known: {', '.join(recipe.VARIANTS)}"
-        )
-    return recipe.VARIANTS[variant]
+    recipe = importlib.import_module(RECIPES[name]).RECIPE
+    if recipe.name != name:
+        raise TypeError(f"{RECIPES[name]}.RECIPE is named '{recipe.name}', registered as '{name}'")
+    return recipe

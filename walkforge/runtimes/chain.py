@@ -1,22 +1,34 @@
-"""The walk chainer: runs a bundle's plan over one name → value environment.
+"""The walk chainer: runs a bundle's plan over one name → value environment, and owns KV paging.
 
-A plan is a list of walk names and loops (see graphs.walk). Values stay in the backend's
-own type between engines (OrtValue, torch.Tensor), so a cache produced by one walk is handed
-to the next by reference. An optional `observer(walk, inputs, seconds)` sees every engine
-call (bench timings, verify's per-walk inputs).
+A plan is a list of walk names and loops (see graphs.walk). Values stay in the backend's own
+type between engines (OrtValue, torch.Tensor), so a cache produced by one walk is handed to the
+next by reference. An optional `observer(walk, inputs, seconds)` sees every engine call (bench
+timings, verify's per-walk inputs, calibration).
+
+Paging comes from the walk contracts alone, for any recipe: the page pool is the input that a
+walk updates in place (its `aliases`), its pages per request follow from the manifest's
+`paging.max_tokens` (or the front's exact token counts), and every walk that takes
+`block_table` / `kv_scales` gets the requests' pages and the bundle's per-layer scales. Pages are
+allocated when a run starts and freed when it ends, whatever happens in between.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from walkforge.errors import WalkforgeError
+from walkforge.plugins.constants import kv_pages
+from walkforge.runtimes.kv_pool import DEFAULT_POOL_REQUESTS, KVPagePool, PoolSpec, kv_scales
+from walkforge.runtimes.values import batch_size
 
 Observer = Callable[[str, Mapping[str, Any], float], None]
+BLOCK_TABLE, KV_SCALES = "block_table", "kv_scales"
 
 
 def euler(step: int, count: int, batch: int) -> dict[str, np.ndarray]:
@@ -29,16 +41,81 @@ def euler(step: int, count: int, batch: int) -> dict[str, np.ndarray]:
 SCHEDULES = {"euler": euler}
 
 
-class Chain:
-    """Engines by walk name plus the plan that orders them."""
+def pool_writer(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(walk, pool input) of the walk that updates the page pool in place, or None."""
+    for name, walk in manifest["walks"].items():
+        for inp in walk.get("aliases", {}).values():
+            return name, inp
+    return None
 
-    def __init__(self, engines: Mapping[str, Any], plan: list[Any]) -> None:
+
+class Paging:
+    """The page pool of one loaded bundle and its per-request pages (module doc).
+
+    `allocate_pool(spec)` is the backend's: it decides where the buffer lives. `num_pages`
+    defaults to DEFAULT_POOL_REQUESTS full-length requests.
+    """
+
+    def __init__(self, manifest: Mapping[str, Any], engines: Mapping[str, Any],
+                 allocate_pool: Callable[[PoolSpec], Any], num_pages: int | None = None) -> None:
+        found = pool_writer(manifest)
+        if found is None:
+            raise ValueError("bundle has no walk that writes a page pool")
+        writer, self.pool = found
+        if "paging" not in manifest:
+            raise WalkforgeError("bundle has a KV page pool but no 'paging' entry (compiled by an older "
+                                 "walkforge): recompile it")
+        self.max_tokens = int(manifest["paging"]["max_tokens"])
+        spec = next(s for s in engines[writer].inputs if s.name == self.pool)  # the engines' own dtype
+        layers, _, _, page_size, kv_heads, head_dim = spec.shape
+        pages = num_pages or DEFAULT_POOL_REQUESTS * kv_pages(self.max_tokens, page_size)
+        self.spec = PoolSpec(layers, kv_heads, head_dim, page_size, pages, spec.dtype)
+        self.pages = KVPagePool(self.spec)
+        self.buffer = allocate_pool(self.spec)
+        self.scales = kv_scales(manifest, layers)
+        self._ids = itertools.count(1)  # next() on a count is atomic: ids are unique across threads
+
+    @contextmanager
+    def bind(self, tokens: Sequence[int]) -> Iterator[dict[str, Any]]:
+        """Pages for one request per entry of `tokens` (its KV token count), bound as the pool,
+        block table and scales for the duration of the `with`; freed on exit."""
+        for n in tokens:
+            if not 0 <= n <= self.max_tokens:
+                raise WalkforgeError(f"a request of {n} KV tokens; this bundle holds at most "
+                                     f"{self.max_tokens}")
+        requests = {next(self._ids): int(n) for n in tokens}
+        self.pages.allocate_all(requests)
+        try:
+            yield {self.pool: self.buffer, BLOCK_TABLE: self.pages.block_table(list(requests)),
+                   KV_SCALES: self.scales}
+        finally:
+            for request in requests:
+                self.pages.free(request)
+
+
+class Chain:
+    """Engines by walk name, the plan that orders them and, where a walk writes a page pool,
+    its `Paging`."""
+
+    def __init__(self, engines: Mapping[str, Any], plan: list[Any], paging: Paging | None = None) -> None:
         self.engines = dict(engines)
         self.plan = plan
+        self.paging = paging
         self.observer: Observer | None = None
 
-    def run(self, env: dict[str, Any], settings: Mapping[str, int]) -> dict[str, Any]:
-        """Run the plan, updating and returning `env`."""
+    def run(self, env: dict[str, Any], settings: Mapping[str, int],
+            kv_tokens: Sequence[int] | None = None) -> dict[str, Any]:
+        """Run the plan, updating and returning `env`. With paging, each request (batch row) gets
+        pages for `kv_tokens[row]` tokens (default: the bundle's most per request)."""
+        if self.paging is None:
+            return self._run_plan(env, settings)
+        if kv_tokens is None:
+            first = self.engines[self.plan[0] if isinstance(self.plan[0], str) else self.plan[0]["loop"]]
+            kv_tokens = [self.paging.max_tokens] * batch_size(env[first.inputs[0].name])
+        with self.paging.bind(kv_tokens) as bound:
+            return self._run_plan(env | bound, settings)
+
+    def _run_plan(self, env: dict[str, Any], settings: Mapping[str, int]) -> dict[str, Any]:
         for step in self.plan:
             if isinstance(step, str):
                 self._walk(step, env)
@@ -68,9 +145,3 @@ class Chain:
             self._walk(loop["loop"], env)
             for out, inp in loop["carry"].items():
                 env[inp] = env[out]
-
-
-def batch_size(value: Any) -> int:
-    """Leading dim of a numpy array, torch tensor or OrtValue."""
-    shape = value.shape() if callable(getattr(value, "shape", None)) else value.shape
-    return int(shape[0])

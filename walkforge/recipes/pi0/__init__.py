@@ -1,0 +1,27 @@
+"""pi0 (LeRobot's): a PaliGemma VLM and a Gemma action expert, flow matching; three walks.
+
+config.py      Pi0Config and its variants
+model.py       the modules, the attention rule, the caches and the eager `sample_actions`
+walks.py       vision → prefill → Loop(denoise), fake inputs, kernel shapes
+checkpoint.py  LeRobot's key map and folder reader
+"""
+
+from __future__ import annotations
+
+from walkforge.recipes.pi0 import checkpoint, config, model, walks
+from walkforge.recipes.recipe import Recipe
+
+RECIPE = Recipe(
+    name="pi0",
+    config=config.Pi0Config,
+    variants=config.VARIANTS,
+    build=model.build,
+    walks=walks.walks,
+    key_map=checkpoint.KEY_MAP,
+    read_checkpoint=checkpoint.read_checkpoint,
+    fake_inputs=walks.fake_inputs,
+    front="pi0",
+    precisions=("fp32", "fp8"),
+    trt_dims={},  # batch and the KV pages only
+    kernel_shapes=walks.kernel_shapes,
+)

@@ -1,0 +1,91 @@
+"""Engine backends behind one registry; `auto` walks it in preference order.
+
+    trt         TensorRT engines built for this GPU (backends/trt)
+    cuda        the bundle's ONNX on onnxruntime-gpu's CUDAExecutionProvider, values on the device
+    torch-cuda  the recipe's modules on a CUDA device in bf16, Triton kernels, CUDA-graph loops
+    cpu         onnxruntime CPUExecutionProvider on the bundle's ONNX; always available
+    torch       the recipe's torch modules on CPU in fp32: the reference (never chosen by auto)
+
+Each backend is one package exporting `NAME`, `AUTO` (whether `auto` may pick it), `probe()`
+(what this machine lacks, "" when it can run; builds nothing: no TensorRT object, no onnxruntime
+session, no CUDA initialisation on a machine whose torch has no CUDA build), `has_target(manifest)`
+(what the bundle lacks for it, ""), `load(bundle, options) -> {walk: Engine}` and
+`allocate_pool(spec)` (the page pool, where its engines read it). A new backend is one package
+plus one line in REGISTRY.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from walkforge.errors import WalkforgeError
+
+log = logging.getLogger(__name__)
+
+REGISTRY = {  # in `auto`'s order of preference
+    "trt": "walkforge.runtimes.backends.trt",
+    "cuda": "walkforge.runtimes.backends.cuda",
+    "torch-cuda": "walkforge.runtimes.backends.torch_cuda",
+    "cpu": "walkforge.runtimes.backends.cpu",
+    "torch": "walkforge.runtimes.backends.torch",
+}
+BACKENDS = tuple(REGISTRY)
+CHOICES = (*BACKENDS, "auto")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How engines are made: onnxruntime/torch threads, onnxruntime spinning (off for in-process
+    parity with torch), CUDA-graph replay of loop bodies on the GPU backends."""
+
+    threads: int | None = None
+    spinning: bool = True
+    cuda_graphs: bool = True
+
+
+def get(name: str) -> ModuleType:
+    """The backend package `name` (imported on first use)."""
+    if name not in REGISTRY:
+        raise WalkforgeError(f"unknown backend '{name}'; choose one of {', '.join(CHOICES)}")
+    return importlib.import_module(REGISTRY[name])
+
+
+def probe(name: str) -> tuple[bool, str]:
+    """(True, "") where backend `name` can run here; else (False, one line naming what is missing)."""
+    missing = get(name).probe()
+    return (False, f"backend '{name}' {missing}") if missing else (True, "")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, in registry order."""
+    return [name for name in BACKENDS if probe(name)[0]]
+
+
+def resolve(name: str, manifest: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(backend, reason). `auto` takes the first backend of REGISTRY that may be auto-chosen, runs
+    here and (given a bundle `manifest`) has a target in the bundle; an explicit name is checked
+    and raises a one-line WalkforgeError when this machine lacks what it needs."""
+    if name != "auto":
+        ok, reason = probe(name)
+        if not ok:
+            raise WalkforgeError(reason)
+        return name, "requested"
+    skipped = []
+    for candidate in BACKENDS:
+        if not get(candidate).AUTO:
+            continue
+        ok, reason = probe(candidate)
+        if ok and manifest is not None:
+            missing = get(candidate).has_target(manifest)
+            ok, reason = not missing, missing
+        if ok:
+            why = f"auto chose {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            log.info(why)
+            return candidate, why
+        skipped.append(f"not {candidate}: {reason}")
+    raise WalkforgeError("auto found no backend: " + "; ".join(skipped))

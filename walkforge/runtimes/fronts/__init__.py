@@ -1,0 +1,27 @@
+"""Runtime fronts by name: the API `walkforge.load` returns for a bundle.
+
+A recipe declares its front's name and the compiler stamps it into the manifest (`front`;
+bundles from before that field name their recipe, which is the same name), so the runtime
+never imports a recipe to choose one. A new front is one module plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from walkforge.errors import WalkforgeError
+
+FRONTS = {
+    "pi0": "walkforge.runtimes.fronts.pi0:Pi0Policy",
+    "vae": "walkforge.runtimes.fronts.vae:VaeDecoder",
+}
+
+
+def front_class(manifest: Mapping[str, Any]) -> type:
+    name = manifest.get("front", manifest.get("recipe"))
+    if name not in FRONTS:
+        raise WalkforgeError(f"bundle front '{name}' is not in this walkforge; known: {', '.join(FRONTS)}")
+    module, cls = FRONTS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,98 @@
+"""pi0 front: `Pi0Policy.infer` chains vision → prefill → `num_steps` × denoise.
+
+The chain owns the KV pages (runtimes/chain.py): each call gets pages for every request's valid
+prefix tokens, prefill writes them in place, each denoise step reads them through
+PagedAttention, and the pages are freed when the call returns. This front only checks inputs,
+pads prompts, draws the start noise and says how many prefix tokens each request has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from walkforge.errors import WalkforgeError
+from walkforge.runtimes.runner import Runner
+from walkforge.runtimes.values import to_numpy
+
+INPUTS = ("images", "image_masks", "prompt_ids", "prompt_mask", "state")
+
+
+class Pi0Policy(Runner):
+    """A compiled pi0 policy. Shapes: images (B, V, 3, 224, 224) float32 in [0, 1].
+
+    `kv_pages` sizes the page pool (default: room for 8 full-length prefixes). Thread-safe: calls
+    from several threads share the engines and the pool, each with its own pages.
+    """
+
+    @property
+    def num_views(self) -> int:
+        return int(self.specs("vision")[0].shape[1])
+
+    @property
+    def max_prompt_len(self) -> int:
+        return int(self.spec("prefill", "prompt_ids").shape[1])
+
+    def infer(self, images: np.ndarray, image_masks: np.ndarray, prompt_ids: np.ndarray,
+              prompt_mask: np.ndarray, state: np.ndarray, noise: np.ndarray | None = None,
+              num_steps: int | None = None, seed: int = 0) -> np.ndarray:
+        """Sample an action chunk (B, horizon, action_dim). Without `noise`, it is drawn from a
+        generator seeded with `seed`, so repeated calls give the same actions."""
+        images, image_masks = np.asarray(images), np.asarray(image_masks)
+        self._check_views(images)
+        prompt_ids, prompt_mask = self._pad_prompt(np.asarray(prompt_ids), np.asarray(prompt_mask))
+        feeds = {"images": images, "image_masks": image_masks, "prompt_ids": prompt_ids,
+                 "prompt_mask": prompt_mask, "state": np.asarray(state)}
+        if noise is None:
+            shape = (images.shape[0], *self.spec("denoise", "x_t").shape[1:])
+            noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        feeds["x_t"] = np.asarray(noise)
+        self._check(feeds)
+        steps = int(num_steps if num_steps is not None else self.manifest["config"]["num_steps"])
+        env = self.chain.run(feeds, {"num_steps": steps}, kv_tokens=self._prefix_tokens(feeds))
+        return to_numpy(env["x_t"])
+
+    def _prefix_tokens(self, feeds: Mapping[str, np.ndarray]) -> list[int]:
+        """Valid prefix tokens per request: its unmasked cameras' image tokens, then its prompt."""
+        tokens_per_view = int(self.specs("prefill")[0].shape[1]) // self.num_views
+        valid = feeds["image_masks"].sum(1) * tokens_per_view + feeds["prompt_mask"].sum(1)
+        return [int(n) for n in valid]
+
+    def run(self, feeds: Mapping[str, np.ndarray], **settings: Any) -> dict[str, np.ndarray]:
+        missing = [k for k in INPUTS if k not in feeds]
+        if missing:
+            raise WalkforgeError(f"missing input(s) {', '.join(missing)}; pi0 takes {', '.join(INPUTS)}"
+                                 " and optionally noise")
+        args = {k: feeds[k] for k in INPUTS}
+        return {"actions": self.infer(**args, noise=feeds.get("noise"), **settings)}
+
+    def _check_views(self, images: np.ndarray) -> None:
+        if images.ndim == 5 and images.shape[1] != self.num_views:
+            raise WalkforgeError(f"images has {images.shape[1]} views, this bundle was compiled "
+                                 f"for {self.num_views}")
+
+    def _pad_prompt(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pad prompts to the compiled length; refuse longer ones."""
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise WalkforgeError(f"prompt_ids {list(ids.shape)} and prompt_mask {list(mask.shape)} "
+                                 "must both be (batch, prompt_len)")
+        length, limit = ids.shape[1], self.max_prompt_len
+        if length > limit:
+            raise WalkforgeError(f"prompt of {length} tokens is longer than the compiled maximum {limit}")
+        pad = ((0, 0), (0, limit - length))
+        return np.pad(ids, pad), np.pad(mask, pad)
+
+    def _check(self, feeds: dict[str, np.ndarray]) -> None:
+        dims: dict[str, int] = {}
+        specs = {s.name: s for w in ("vision", "prefill", "denoise") for s in self.specs(w)}
+        for name, value in feeds.items():
+            specs[name].check(value, dims)
+        images = feeds["images"]
+        if images.size and (images.min() < 0.0 or images.max() > 1.0):
+            raise WalkforgeError(f"images must lie in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
+        vocab = int(self.manifest["config"]["llm"]["vocab"])
+        ids = feeds["prompt_ids"]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise WalkforgeError(f"prompt_ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
