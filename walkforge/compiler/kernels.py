@@ -23,17 +23,26 @@ def plugin_ops(walks: Mapping[str, Any]) -> set[str]:
     return {op.split("::", 1)[1] for w in walks.values() for op in w["ops"] if op.startswith("walkforge::")}
 
 
-def build_kernels(root: Path, archs: Sequence[str], shapes: Mapping[str, int]) -> list[dict[str, Any]]:
-    """Compile every plugin kernel for `archs`, specialised to `shapes` (num_heads, kv_heads,
-    head_dim, page_size, optionally pool_dtype: fp8-pool kernels are named `<kernel>_fp8` and built
-    for sm_89+ only); write cubin/PTX under `root/kernels/`; return manifest records."""
-    from walkforge.plugins.aot import compile_kernels, parse_arch
+def check_archs(archs: Sequence[str]) -> None:
+    """A one-line WalkforgeError naming the first entry of `archs` that is not like 'sm_90'."""
+    if not archs:
+        return
+    from walkforge.plugins.aot import parse_arch
 
     for arch in archs:
         try:
             parse_arch(arch)
         except ValueError:
             raise WalkforgeError(f"--gpu-archs: '{arch}' is not an architecture like sm_90") from None
+
+
+def build_kernels(root: Path, archs: Sequence[str], shapes: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Compile every plugin kernel for `archs`, specialised to `shapes` (num_heads, kv_heads,
+    head_dim, page_size, optionally pool_dtype: fp8-pool kernels are named `<kernel>_fp8` and built
+    for sm_89+ only); write cubin/PTX under `root/kernels/`; return manifest records."""
+    from walkforge.plugins.aot import compile_kernels
+
+    check_archs(archs)
     try:
         records = compile_kernels(archs, **shapes)
     except RuntimeError as exc:

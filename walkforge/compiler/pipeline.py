@@ -26,7 +26,7 @@ import walkforge
 from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import OPSET, export_walk, op_counts
-from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, plugin_ops
+from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, check_archs, plugin_ops
 from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime
 from walkforge.errors import CompileError, WalkforgeError
@@ -87,14 +87,7 @@ class CompileRequest:
                 raise WalkforgeError(f"{flag} must be {rule}, got {getattr(self, name)!r}")
         if self.variant is not None and self.checkpoint is not None:
             raise WalkforgeError("give either --variant or --checkpoint, not both")
-        if self.gpu_archs:
-            from walkforge.plugins.aot import parse_arch
-
-            for arch in self.gpu_archs:
-                try:
-                    parse_arch(arch)
-                except ValueError:
-                    raise WalkforgeError(f"--gpu-archs: '{arch}' is not an architecture like sm_90") from None
+        check_archs(self.gpu_archs)
 
 
 @dataclass
