@@ -28,8 +28,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m walkforge.cli compile vae --variant sd -o build/vae-sd --force
 	$(PYTHON) -m walkforge.cli bench build/vae-sd --dim height=32 --dim width=32 --report reports
+	$(PYTHON) -m walkforge.cli bench build/vae-sd --backends cpu,torch --dim height=64 --dim width=64 \
+		--warmup 1 --iters 3  # 512x512 decode
+	$(PYTHON) -m walkforge.cli bench build/vae-sd --backends cpu,torch --dim height=128 --dim width=128 \
+		--setting tiled=1 --setting tile_size=512 --warmup 0 --iters 1  # 1024x1024, tiled as SD's VAE
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small -o build/pi0-small --force
 	$(PYTHON) -m walkforge.cli bench build/pi0-small --report reports
+	$(PYTHON) -m walkforge.cli compile pi0 --variant small --precision int8 -o build/pi0-small-int8 --force
+	$(PYTHON) -m walkforge.cli bench build/pi0-small-int8 --backends cpu,torch,torch-bf16 --report reports
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small --precision fp8 -o build/pi0-small-fp8 --force
 	$(PYTHON) -m walkforge.cli verify build/pi0-small-fp8 --report reports
 

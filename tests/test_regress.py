@@ -87,7 +87,7 @@ def test_update_goldens_writes_then_passes(stored: rg.Report, tmp_path: Path,
 def test_missing_golden_fails_with_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rg, "measure", lambda *a, **k: pytest.fail("measured without a golden"))
     results = rg.regress(["vae"], tmp_path).results
-    assert [r.name for r in results] == ["vae-tiny-fp32", "vae-tiny-fp8"]
+    assert [r.name for r in results] == [f"vae-tiny-{p}" for p in get_recipe("vae").precisions]
     assert all(not r.ok and "--update-goldens" in r.problem for r in results)
     run = CliRunner().invoke(cli, ["regress", "--recipes", "vae", "--goldens", str(tmp_path)])
     assert run.exit_code == 1, run.output

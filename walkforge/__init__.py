@@ -11,16 +11,17 @@ from walkforge.errors import WalkforgeError
 __version__ = "0.2.0"
 
 
-def load(bundle, backend: str = "cpu", **options):
+def load(bundle, backend: str = "cpu", digest: str | None = None, **options):
     """Load a bundle and return its recipe's front API (`VaeDecoder`, `Pi0Policy`).
 
     backend: "cpu" (onnxruntime engines), "torch" (the recipe's reference modules), a GPU backend
-    ("torch-cuda", "cuda", "trt") or "auto". options: `threads`, `spinning`, and `kv_pages` for
-    bundles with a KV page pool.
+    ("torch-cuda", "cuda", "trt") or "auto". digest: the bundle's pinned digest (`walkforge
+    inspect` prints it); a bundle with another is refused. options: `threads`, `spinning`, and
+    `kv_pages` for bundles with a KV page pool.
     """
     from walkforge.runtimes import load as _load
 
-    return _load(bundle, backend=backend, **options)
+    return _load(bundle, backend=backend, digest=digest, **options)
 
 
 def compile_bundle(request: Any, progress: Any = None) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
+from walkforge.artifacts.bundle import manifest_digest
 from walkforge.compiler.kernels import DEFAULT_ARCHS
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.backends import CHOICES as BACKENDS
@@ -33,6 +34,10 @@ def _settings(values: tuple[str, ...]) -> dict[str, int]:
             raise WalkforgeError(f"--dim expects NAME=INT, got '{item}'")
         parsed[key] = int(val)
     return parsed
+
+
+DIGEST = click.option("--digest", help="Refuse BUNDLE unless its digest (sha256 of manifest.json, as "
+                      "`walkforge inspect` prints it) is this one: pin the bundle you tested.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,9 +60,12 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (atomically).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
-@click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp8", "int8"]), default="fp32", show_default=True,
               help="fp8: E4M3 Q/DQ on GEMM/conv inputs and weights (TensorRT fuses them; the CPU "
-                   "target emulates FP8 accuracy, it is not faster).")
+                   "target emulates FP8 accuracy, it is not faster). int8: W8A8 INT8 Q/DQ, static "
+                   "per-tensor activation scales, per-channel weights (onnxruntime's CPU integer "
+                   "kernels, VNNI/AMX; TensorRT INT8). The --calib-*, --reuse-calibration, "
+                   "--min-cosine and --fp8-exclude options serve both.")
 @click.option("--calib-samples", default=8, show_default=True,
               help="fp8: seeded synthetic example batches to calibrate on (the recipe's fake_inputs).")
 @click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -69,15 +77,22 @@ def cli(verbose: bool) -> None:
 @click.option("--reuse-calibration", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="fp8: take the FP8 scales from this earlier bundle (refused unless its weights "
                    "fingerprint matches).")
-@click.option("--fp8-min-cosine", type=float,
-              help="fp8: end-to-end cosine vs fp32 the bundle must reach; the most sensitive layers "
-                   "are kept in fp32 until it does (they are reported).")
-@click.option("--fp8-exclude", default="", help="fp8: comma-separated node names or torch module paths "
+@click.option("--min-cosine", "--fp8-min-cosine", "fp8_min_cosine", type=float,
+              help="fp8/int8: end-to-end cosine vs fp32 the bundle must reach; the most sensitive "
+                   "layers are kept in fp32 until it does (they are reported). --fp8-min-cosine is "
+                   "its old name.")
+@click.option("--fp8-exclude", default="", help="fp8/int8: comma-separated node names or torch module paths "
               "to keep in fp32 (besides the defaults: embeddings, first conv, last projection).")
 @click.option("--kv-dtype", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
               help="KV page pool dtype. fp8: E4M3 pages (1 byte per value) with per-layer K/V scales "
                    "calibrated on the fp32 engines (uses --calib-samples/--calib-data); works with "
                    "either --precision.")
+@click.option("--walks", "walks", default="",
+              help="Comma-separated walks to compile where the recipe offers a choice (vae: decode, or "
+                   "decode,encode to add the encoder; default: the recipe's own set).")
+@click.option("--weights-variant", type=click.Choice(["fp16", "bf16"]),
+              help="Read the checkpoint's <name>.<variant>.safetensors weights (diffusers' variant=); "
+                   "without it only the plain file is read.")
 @click.option("--gpu-archs", default=",".join(DEFAULT_ARCHS), show_default=True,
               help="GPU architectures to AOT-compile the plugin kernels for (comma-separated; "
                    "empty for none). Needs no GPU.")
@@ -85,7 +100,7 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
                 seed: int, out: Path, force: bool, precision: str, calib_samples: int,
                 calib_data: Path | None, calib_method: str, calib_percentile: float,
                 reuse_calibration: Path | None, fp8_min_cosine: float | None, fp8_exclude: str,
-                kv_dtype: str, gpu_archs: str) -> None:
+                kv_dtype: str, walks: str, weights_variant: str | None, gpu_archs: str) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
     from walkforge import CompileRequest, compile_bundle
     from walkforge.progress import Progress
@@ -94,10 +109,12 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
     req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force, precision,
                          calib_samples, calib_data, calib_method, calib_percentile, reuse_calibration,
                          fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs,
-                         kv_dtype=kv_dtype)
+                         kv_dtype=kv_dtype, weights_variant=weights_variant,
+                         walks=tuple(w for w in walks.split(",") if w))
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")
+    err.print(f"digest {manifest_digest(out)}")
 
 
 @cli.command("config")
@@ -123,10 +140,11 @@ def config_cmd(recipe: str, variant: str, config_file: Path | None) -> None:
 @click.option("--trt-lint", "trt_lint", is_flag=True,
               help="Check each walk for TensorRT readiness (needs no TensorRT); exit 2 on errors.")
 def inspect_cmd(bundle: Path, as_json: bool, trt_lint: bool) -> None:
-    """Show a bundle's walks (tensor contracts), targets, files and weights fingerprint."""
+    """Show a bundle's digest, walks (tensor contracts), targets, files and weights fingerprint."""
     from walkforge.artifacts.bundle import Bundle
 
-    manifest = Bundle.open(bundle).manifest
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
     if trt_lint:
         from walkforge.graphs.trt_lint import errors, format_findings, lint_bundle
 
@@ -137,8 +155,9 @@ def inspect_cmd(bundle: Path, as_json: bool, trt_lint: bool) -> None:
             raise WalkforgeError(f"{n_errors} TensorRT-readiness error(s) in {bundle}")
         return
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps({**manifest, "digest": opened.digest}, indent=2))
         return
+    stdout.print(f"digest {opened.digest}")
     render.show_manifest(stdout, manifest)
 
 
@@ -178,20 +197,27 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path),
               help="npz whose keys are the input names `inspect` shows.")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="npz to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="npz to write; a .png path (VAE bundles) writes the images of `to_image` instead: "
+                   "that path for batch 1, <stem>-<i>.png per item of a larger batch.")
 @click.option("--walk", help="Run one walk only (default: the whole plan through the front API).")
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="Engine backend; auto picks trt → cuda → torch-cuda → cpu and says why.")
 @click.option("--num-steps", type=int, help="Denoising steps (pi0; default: the compiled config's).")
+@click.option("--tiled", is_flag=True, help="PNG output: decode in tiles as diffusers' enable_tiling().")
+@DIGEST
 def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, backend: str,
-            num_steps: int | None) -> None:
+            num_steps: int | None, tiled: bool, digest: str | None) -> None:
     """Run BUNDLE on the arrays in an npz and write the outputs to another npz."""
     from walkforge.runtimes import load
 
     feeds = _read_npz(inputs_path)
-    runner = load(bundle, backend)
+    runner = load(bundle, backend, digest=digest)
     if backend == "auto":
         err.print(f"backend: {runner.backend} ({runner.backend_reason})")
+    if output.suffix.lower() == ".png":
+        _write_images(runner, feeds, output, tiled)
+        return
     settings = {"num_steps": num_steps} if num_steps is not None else {}
     result = runner.run_walk(walk, feeds) if walk else runner.run(feeds, **settings)
     np.savez(output, **result)
@@ -206,13 +232,14 @@ def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, bac
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path),
               help="Also add this result to DIR/bench.md's FP8 accuracy section and plot.")
+@DIGEST
 def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
-               report_dir: Path | None) -> None:
+               report_dir: Path | None, digest: str | None) -> None:
     """Compare BUNDLE's engines with the fp32 torch reference, per walk and end to end."""
     from walkforge.artifacts.bundle import Bundle
     from walkforge.tools.verify import verify
 
-    result = verify(Bundle.open(bundle), backend, batch, seed)
+    result = verify(Bundle.open(bundle, digest=digest), backend, batch, seed)
     if report_dir is not None:
         from walkforge.tools.report import add_verify_report
 
@@ -225,22 +252,28 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
 
 @cli.command("bench")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backends", default="cpu,torch", show_default=True,
-              help="Comma-separated backends; each runs in its own process.")
+@click.option("--backends", default="cpu,torch,torch-bf16", show_default=True,
+              help="Comma-separated backends; each runs in its own process. torch (fp32) and "
+                   "torch-bf16 (CPU bf16 autocast) are the references the ratios are to.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs first.")
 @click.option("--iters", default=10, show_default=True, help="Timed runs.")
 @click.option("--batch", default=1, show_default=True, help="Batch size.")
 @click.option("--threads", type=int, help="Intra-op threads for every backend (default: all cores).")
 @click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
+@click.option("--setting", "run_settings", multiple=True,
+              help="Front run setting NAME=INT, e.g. num_steps=5 (pi0), tiled=1 or tile_size=512 (VAE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Also add this bundle to DIR/bench.md and its PNG plots (keeps other bundles' results).")
+@DIGEST
 def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, threads: int | None,
-              dims: tuple[str, ...], as_json: bool, report_dir: Path | None) -> None:
-    """Per-walk and end-to-end latency (median, p90) of each backend vs the torch reference."""
+              dims: tuple[str, ...], run_settings: tuple[str, ...], as_json: bool, report_dir: Path | None,
+              digest: str | None) -> None:
+    """Per-walk and end-to-end latency (median, p90) of each backend vs the torch references."""
     from walkforge.tools.bench import bench
 
-    report = bench(bundle, tuple(backends.split(",")), warmup, iters, batch, threads, _settings(dims))
+    report = bench(bundle, tuple(backends.split(",")), warmup, iters, batch, threads, _settings(dims),
+                   digest=digest, settings=_settings(run_settings))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -288,6 +321,15 @@ def demo_cmd(out: Path) -> None:
     from walkforge.tools.demo import demo
 
     demo(out, stdout)
+
+
+def _write_images(runner, feeds: dict[str, np.ndarray], output: Path, tiled: bool) -> None:
+    from walkforge.runtimes.fronts.vae import save_png
+
+    if not hasattr(runner, "to_image") or "latents" not in feeds:
+        raise WalkforgeError(f"{output}: PNG output needs a vae bundle and an npz with 'latents'")
+    paths = save_png(runner.to_image(feeds["latents"], tiled=tiled), output)
+    err.print(f"wrote {', '.join(map(str, paths))}")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
+import walkforge
 from walkforge.artifacts.bundle import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     Bundle,
+    check_digest,
+    manifest_digest,
     read_manifest,
     staged_bundle,
     write_manifest,
@@ -166,6 +170,145 @@ def test_read_manifest_does_not_hash(tiny_bundle_copy: Path) -> None:
     assert read_manifest(tiny_bundle_copy)["recipe"] == "vae"
 
 
+# -- paths stay inside -------------------------------------------------------------------
+
+
+def rehashed(root: Path, edit=None) -> Path:
+    """Rewrite the manifest with a files table of what `root` holds now, then apply
+    `edit(manifest)`, as whoever edits a bundle can: its hashes then vouch for the edit."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = write_manifest(root, {k: v for k, v in manifest.items() if k != "files"})
+    if edit is not None:
+        edit(manifest)
+        (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def test_walk_outside_the_bundle_is_refused(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    """The issue's edit: a walk's ONNX and the files table point into a neighbouring bundle."""
+    other = Path(shutil.copytree(tiny_bundle_copy, tmp_path / "other-bundle"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for you")
+
+    def edit(m: dict) -> None:
+        m["walks"]["decode"]["onnx"] = m["targets"]["cpu"]["walks"]["decode"] = f"../{other.name}/{ONNX}"
+        m["files"]["../secret.txt"] = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(),
+                                       "size": secret.stat().st_size}
+
+    rehashed(tiny_bundle_copy, edit)
+    message = refused(tiny_bundle_copy)
+    assert message.endswith("files['../secret.txt'] = '../secret.txt' leaves the bundle (..); refused")
+    with pytest.raises(WalkforgeError, match="files\\['../secret.txt'\\]"):
+        walkforge.load(tiny_bundle_copy)
+
+
+@pytest.mark.parametrize(("entry", "value", "problem"), [
+    ("walks.decode.onnx", "../x.onnx", "leaves the bundle (..)"),
+    ("targets.cpu.walks.decode", "/etc/passwd", "is absolute"),
+    ("weights.file", "weights/../../w.safetensors", "leaves the bundle (..)"),
+    ("kernels[0].ptx_file", "kernels/./a.ptx", "is not a normalised relative path"),
+    ("calibration.scales_file", "", "is not a path"),
+    ("tokenizer.file", "C:\\tokenizer.json", "is not a POSIX relative path"),
+    ("processors[0].file", 7, "is not a path"),
+    ("targets.trt-sm90.timing_cache", "../timing.cache", "leaves the bundle (..)"),
+    ("targets.trt-sm90.build_log", "/tmp/build.log", "is absolute"),
+])
+def test_every_manifest_path_is_checked(tiny_bundle_copy: Path, entry: str, value: object,
+                                        problem: str) -> None:
+    def edit(m: dict) -> None:
+        m["kernels"] = [{"kernel": "k", "ptx_file": "kernels/a.ptx"}]
+        m["calibration"] = {"scales_file": "calib/s.safetensors"}
+        m["tokenizer"] = {"file": "tokenizer/t.json"}
+        m["processors"] = [{"file": "processors/p.json"}]
+        m["targets"]["trt-sm90"] = {"walks": {}, "timing_cache": "t/timing.cache", "build_log": "t/b.log"}
+        node, *keys = entry.replace("[0]", ".0").split(".")
+        holder = m[node]
+        for key in keys[:-1]:
+            holder = holder[int(key)] if key.isdigit() else holder[key]
+        holder[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+
+    message = refused(rehashed(tiny_bundle_copy, edit))
+    assert message == f"{tiny_bundle_copy / MANIFEST}: {entry} = {value!r} {problem}; refused"
+
+
+def test_symlink_out_of_the_bundle_is_refused(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    data = tiny_bundle_copy / (ONNX + ".data")
+    outside = tmp_path / "decode.onnx.data"
+    shutil.move(data, outside)
+    data.symlink_to(outside)  # same bytes, so the size and sha256 in the manifest still match
+    message = refused(tiny_bundle_copy)
+    assert f"files['{ONNX}.data']" in message and f"resolves outside the bundle (to {outside})" in message
+
+
+def test_symlink_inside_the_bundle_is_followed(tiny_bundle_copy: Path) -> None:
+    weights = tiny_bundle_copy / WEIGHTS
+    shutil.move(weights, tiny_bundle_copy / "weights.bin")
+    weights.symlink_to("../weights.bin")
+    message = refused(tiny_bundle_copy)  # the moved file is not listed ...
+    assert message.startswith("bundle file weights.bin is not in the manifest's files table")
+    assert Bundle.open(rehashed(tiny_bundle_copy)).manifest["files"]["weights.bin"]  # ... once listed, fine
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "walks/decode-v2.onnx"])
+def test_unlisted_file_is_refused(tiny_bundle_copy: Path, extra: str) -> None:
+    (tiny_bundle_copy / extra).write_bytes(b"x")
+    want = f"bundle file {extra} is not in the manifest's files table (1 unlisted); refused"
+    assert refused(tiny_bundle_copy) == want
+
+
+def test_path_outside_asked_of_an_open_bundle(tiny_bundle: Path) -> None:
+    bundle = Bundle.open(tiny_bundle)
+    assert bundle.path(ONNX) == tiny_bundle / ONNX
+    with pytest.raises(WalkforgeError, match="path = '../x' leaves the bundle"):
+        bundle.path("../x")
+
+
+@pytest.mark.parametrize("location", ["../../outside.data", "ABSOLUTE"])
+def test_onnx_external_data_outside_is_refused(tiny_bundle_copy: Path, tmp_path: Path, location: str) -> None:
+    """The ONNX names its external data itself; onnxruntime refuses a location outside the
+    model's folder, and walkforge reports it in one line."""
+    import onnx
+
+    outside = tmp_path / "outside.data"
+    shutil.copyfile(tiny_bundle_copy / (ONNX + ".data"), outside)
+    location = str(outside) if location == "ABSOLUTE" else location
+    model = onnx.load(str(tiny_bundle_copy / ONNX), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for item in tensor.external_data:
+            if item.key == "location":
+                item.value = location
+    onnx.save(model, str(tiny_bundle_copy / ONNX))
+    rehashed(tiny_bundle_copy)
+    with pytest.raises(WalkforgeError) as info:
+        walkforge.load(tiny_bundle_copy)
+    assert str(info.value).startswith("walk 'decode': onnxruntime cannot load decode.onnx:")
+    assert "\n" not in str(info.value)
+
+
+# -- digest ------------------------------------------------------------------------------
+
+
+def test_digest_is_the_manifest_sha256(tiny_bundle: Path) -> None:
+    want = hashlib.sha256((tiny_bundle / MANIFEST).read_bytes()).hexdigest()
+    assert Bundle.open(tiny_bundle).digest == manifest_digest(tiny_bundle) == want
+    for pinned in (want, want.upper(), f"sha256:{want}"):
+        assert Bundle.open(tiny_bundle, digest=pinned).digest == want
+        assert walkforge.load(tiny_bundle, digest=pinned).decode  # the front, loaded
+
+
+def test_other_digest_is_refused_naming_both(tiny_bundle_copy: Path) -> None:
+    tested = manifest_digest(tiny_bundle_copy)
+    edit_manifest(tiny_bundle_copy, created="2030-01-01T00:00:00+00:00")  # any edit: another bundle
+    now = manifest_digest(tiny_bundle_copy)
+    want = f"bundle {tiny_bundle_copy} has digest {now}, not the pinned {tested}; refused"
+    for opener in (Bundle.open, walkforge.load):
+        with pytest.raises(WalkforgeError) as info:
+            opener(tiny_bundle_copy, digest=tested)
+        assert str(info.value) == want
+    with pytest.raises(WalkforgeError, match="--digest must be the 64 hex digits"):
+        check_digest(Bundle.open(tiny_bundle_copy), "abc")
+
+
 # -- staged writer ----------------------------------------------------------------------
 
 
@@ -281,14 +424,16 @@ def test_sigkilled_write_leaves_a_partial_the_next_write_removes(tmp_path: Path,
     assert "removed 1 stale partial output(s)" in caplog.text and "(2.0 MB)" in caplog.text
 
 
-def test_live_writers_partial_is_kept(tmp_path: Path) -> None:
+def test_second_writer_is_refused_and_the_live_partial_kept(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = child_ready(out)
     try:
         theirs = partials(tmp_path, "out")
         assert len(theirs) == 1
-        with staged_bundle(out, force=True) as stage:
-            assert sorted(partials(tmp_path, "out")) == sorted([*theirs, stage.parent.name])
+        with pytest.raises(WalkforgeError) as info, staged_bundle(out, force=True):
+            pytest.fail("must not write while another writer is")
+        assert str(info.value) == (f"another walkforge process (pid {proc.pid}) is writing {out}; "
+                                   "wait for it to finish or stop it")
         assert partials(tmp_path, "out") == theirs
         assert (tmp_path / theirs[0] / "bundle" / "weights.bin").is_file()
     finally:
@@ -297,6 +442,18 @@ def test_live_writers_partial_is_kept(tmp_path: Path) -> None:
     with staged_bundle(out, force=True):  # its writer is dead now
         assert len(partials(tmp_path, "out")) == 1
     assert partials(tmp_path, "out") == []
+
+
+def test_younger_writer_refuses_and_the_older_goes_on(tmp_path: Path) -> None:
+    """Of two writers whose partials both exist (here in one process: flock locks are per open
+    file), the younger refuses and the older goes on."""
+    out = tmp_path / "out"
+    with staged_bundle(out) as first:
+        with pytest.raises(WalkforgeError, match=f"pid {os.getpid()}.* is writing"), staged_bundle(out):
+            pytest.fail("the younger writer must refuse")
+        assert partials(tmp_path, "out") == [first.parent.name]
+        (first / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first" and leftovers(tmp_path, "out") == []
 
 
 @pytest.mark.parametrize("owner", ["unlocked", "missing"])
@@ -358,6 +515,21 @@ def test_interrupted_cli_compile_leaves_nothing(tmp_path: Path, signum: int, ret
     assert proc.returncode == returncode, stderr
     assert "Traceback" not in stderr
     assert leftovers(tmp_path, "vae") == [] and not out.exists()
+
+
+def test_second_cli_compile_to_the_same_output_refuses(tmp_path: Path) -> None:
+    """`walkforge compile` while another write to OUT is in progress: exit 2, one line."""
+    out = tmp_path / "vae"
+    proc = child_ready(out)
+    try:
+        second = subprocess.run([sys.executable, "-c", CLI_COMPILE, str(out)], capture_output=True,
+                                text=True, timeout=COMPILE_TIMEOUT_S)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=CHILD_TIMEOUT_S)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"error: another walkforge process (pid {proc.pid}) is writing "
+                                     f"{out}; wait for it to finish or stop it")
 
 
 @pytest.fixture

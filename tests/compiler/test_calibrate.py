@@ -33,6 +33,7 @@ W2 = RNG.standard_normal((5, 8)).astype(np.float32)  # Gemm transB=1: [N, K]
 AMAX_RTOL = fp32_tol(2 * 3 * 3 + 48)
 FP8_COSINE_MIN = 0.98  # ungated fp8 tiny VAE vs fp32 (measured ≈ 0.993); scale-free, so any CPU
 GATE_COSINE = 0.999  # what the gate test asks for: above the ungated 0.993, so the gate must act
+INT8_COSINE_MIN = 0.99  # ungated int8 tiny VAE vs fp32 (measured ≈ 0.998); scale-free
 
 
 def tiny_model() -> onnx.ModelProto:
@@ -201,6 +202,32 @@ def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
     with pytest.raises(WalkforgeError, match="weights fingerprint .* differs"):
         compile_bundle(CompileRequest("vae", tmp_path / "c", precision="fp8", seed=5,
                                       reuse_calibration=tmp_path / "a"))
-    with pytest.raises(WalkforgeError, match="has no FP8 calibration"):
+    with pytest.raises(WalkforgeError, match="has no FP8/INT8 calibration"):
         compile_bundle(CompileRequest("vae", tmp_path / "d", precision="fp8", reuse_calibration=vae_fp32))
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -> None:
+    """One calibration for both dtypes: an int8 compile reusing an fp8 bundle's scales gets the
+    same amax (scales × 448/127); its cpu engines fuse the int8 Q/DQ."""
+    from walkforge import CompileRequest, compile_bundle
+    from walkforge.artifacts.bundle import Bundle
+    from walkforge.compiler.quantize import SCALES_FILE
+    from walkforge.compiler.quantize import load_scales as load_bundle_scales
+    from walkforge.graphs.fp8 import INT8_MAX
+
+    compile_bundle(CompileRequest("vae", tmp_path / "fp8", precision="fp8", calib_samples=1))
+    manifest = compile_bundle(CompileRequest("vae", tmp_path / "int8", precision="int8",
+                                             reuse_calibration=tmp_path / "fp8"))
+    assert manifest["precision"]["weights"] == manifest["precision"]["activations"] == "int8"
+    assert manifest["precision"]["calibration"]["end_to_end"]["cosine"] >= INT8_COSINE_MIN
+    (old, _), (new, meta) = (load_bundle_scales(tmp_path / d / SCALES_FILE) for d in ("fp8", "int8"))
+    assert meta["dtype"] == "int8"
+    ratio = np.float32(FP8_MAX / INT8_MAX)
+    assert all(new["decode"][0][k] == float(np.float32(v) * ratio) for k, v in old["decode"][0].items())
+    model = onnx.load(str(tmp_path / "int8" / manifest["walks"]["decode"]["onnx"]), load_external_data=False)
+    weights = {t.data_type for t in model.graph.initializer if t.name.endswith("_int8")}
+    assert weights == {onnx.TensorProto.INT8}
+    runner = runtimes.load(Bundle.open(tmp_path / "int8"), "cpu")
+    assert runner.engines["decode"].session.get_session_options().get_session_config_entry(
+        "session.disable_quant_qdq") == "0"

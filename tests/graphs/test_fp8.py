@@ -1,4 +1,5 @@
-"""FP8 Q/DQ pass on graphs torch's dynamo exporter emits (conv + residual MLP, opset 20)."""
+"""The Q/DQ pass (FP8, and INT8 at the end) on graphs torch's dynamo exporter emits (conv +
+residual MLP, opset 20)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from walkforge.graphs.fp8 import (
     ORT_DISABLED_OPTIMIZERS,
     fp8_scales,
     module_path,
+    qdq_scales,
     quantize_fp8,
+    quantize_int8,
     weight_uses,
 )
-from walkforge.graphs.ort import session_options
+from walkforge.graphs.ort import session_kwargs, session_options
 from walkforge.graphs.walk import GraphNode, TensorSpec
 
 COSINE_MIN = 0.999  # fp8 vs fp32 on held-out inputs; residual branches keep the error small
@@ -31,6 +34,9 @@ COSINE_MIN_MLP = 0.995  # a plain 3-Linear GELU MLP, no residual: its fp8 errors
 # mantissa bits), ≤ s·2**-10 for subnormals (2**-9 apart); rounding the scale and the product adds eps
 E4M3_HALF_STEP = 2.0**-4
 E4M3_SUBNORMAL_HALF_STEP = 2.0**-10
+COSINE_MIN_INT8 = 0.999  # int8 (7 bits + sign, uniform) is finer than E4M3 near amax: the same bar
+INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul",
+                   "QLinearConv", "QGemm")
 
 
 class Net(torch.nn.Module):
@@ -218,3 +224,94 @@ def test_per_layer_sensitivity(fp32, scales) -> None:
     assert [name for name, _ in ranked] != [] and len(ranked) == 4
     cosines = [c for _, c in ranked]
     assert cosines == sorted(cosines) and all(COSINE_MIN <= c < 1.0 for c in cosines)
+
+
+# ---------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def int8_scales(fp32: onnx.ModelProto) -> tuple[dict, dict]:
+    return qdq_scales(collect_amax(fp32, samples(8, seed=0)), "int8"), qdq_scales(weight_amax(fp32), "int8")
+
+
+def int8_model(fp32: onnx.ModelProto, scales: tuple[dict, dict]) -> tuple[onnx.ModelProto, dict]:
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    return quantize_int8(model, *scales)
+
+
+def int8_session(model: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
+    """What the cpu backend makes for an int8 bundle: Q/DQ fusion on."""
+    opts = session_options(spinning=False, fuse_qdq=True)
+    if optimized:
+        opts.optimized_model_filepath = optimized
+    kwargs = session_kwargs(["CPUExecutionProvider"], fuse_qdq=True)
+    return ort.InferenceSession(model.SerializeToString(), opts, **kwargs)
+
+
+def test_int8_is_the_same_pass_with_int8_types(fp32, int8_scales) -> None:
+    model, counts = int8_model(fp32, int8_scales)
+    assert counts == {"quantized_matmul": 2, "quantized_gemm": 1, "quantized_conv": 1, "qdq_pairs": 4,
+                      "weights_int8": 4, "qdq_copies": 0, "skipped_first_last": 2, "skipped_embedding": 0,
+                      "skipped_excluded": 0, "skipped_norms": 1}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            data, zero = (inits.get(node.input[0]), inits[node.input[2]])
+            assert zero.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zero).any()
+            if data is not None:  # a weight: int8, 1 byte per element
+                assert data.data_type == onnx.TensorProto.INT8
+    q = numpy_helper.to_array(inits["conv.weight_int8"]).astype(np.float32)
+    want = numpy_helper.to_array({t.name: t for t in fp32.graph.initializer}["conv.weight"])
+    back = q * numpy_helper.to_array(inits["conv.weight_int8_scale"])[:, None, None, None]
+    assert np.abs(q).max() == 127  # amax maps to 127
+    step = np.abs(want).max(axis=(1, 2, 3)) / 127  # per output channel
+    assert np.all(np.abs(back - want) <= step[:, None, None, None] * (0.5 + 4 * FP32_EPS))
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_int8_gives_every_gemm_its_own_qdq_pair() -> None:
+    """q/k/v-style: one activation read by three GEMMs gets three Q → DQ pairs (onnxruntime fuses a
+    pair only into a GEMM that reads it alone)."""
+    class Qkv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(4))
+            self.out = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.first(x)
+            return self.out(self.q(h) * self.k(h) + self.v(h))
+
+    program = torch.onnx.export(Qkv().eval(), (torch.randn(2, 5, 8),), dynamo=True, opset_version=20,
+                                input_names=["x"], verbose=False)
+    fp32 = program.model_proto
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 5, 8)).astype(np.float32)} for i in range(2)]
+    scales = qdq_scales(collect_amax(fp32, feeds), "int8"), qdq_scales(weight_amax(fp32), "int8")
+    model, counts = int8_model(fp32, scales)
+    assert counts["quantized_matmul"] == 4  # first, q, k, v
+    assert counts["qdq_pairs"] == 2 and counts["qdq_copies"] == 2  # x → first; h → q, k, v
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(readers[n.output[0]] == 1 for n in dqs)
+
+
+def test_int8_session_runs_integer_kernels(fp32, int8_scales, tmp_path) -> None:
+    model, counts = int8_model(fp32, int8_scales)
+    int8_session(model, str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    fused = sum(op in INTEGER_KERNELS for op in ops)
+    assert fused >= counts["quantized_matmul"]  # every quantised MatMul is an integer kernel
+    assert "MatMulIntegerToFloat" in ops
+
+
+def test_int8_onnxruntime_agrees_with_fp32(fp32, int8_scales) -> None:
+    model, _ = int8_model(fp32, int8_scales)
+    session = int8_session(model)
+    for feeds in samples(3, seed=123, batch=3):
+        want, got = run(fp32, feeds), session.run(None, feeds)[0]
+        assert agreement(got, want).cosine >= COSINE_MIN_INT8
+        assert not np.array_equal(got, want)  # quantisation really happened

@@ -238,3 +238,22 @@ def test_lint_reads_zero_points_stored_as_external_data(tmp_path):
     bare = onnx.load(tmp_path / "m.onnx", load_external_data=False)
     found = lint(bare, "walk", tmp_path)
     assert any("nonzero" in f.message for f in found)  # the external zero point was read
+
+
+
+def test_int8_qdq_is_a_walkforge_precision() -> None:
+    """INT8 Q/DQ (--precision int8, what TensorRT runs on Orin) lints clean; a nonzero int8 zero
+    point stays an error (TensorRT is symmetric only)."""
+    def qdq(zero: int) -> list:
+        inits = [numpy_helper.from_array(np.array(zero, np.int8), "zp"),
+                 numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                 numpy_helper.from_array(np.ones((4, 4), np.float32), "w")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
+                 helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"], name="dq"),
+                 helper.make_node("MatMul", ["dq", "w"], ["y"], name="mm")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+        return lint(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), "w")
+
+    assert qdq(0) == []
+    assert any(f.severity == ERROR and "nonzero" in f.message for f in qdq(3))

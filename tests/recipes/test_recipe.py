@@ -57,16 +57,17 @@ def test_tiny_fake_inputs_fit_the_walk_contracts(recipe: Recipe) -> None:
         spec = specs[FRONT_RENAMES.get(name, name)]
         spec.check(value, dims)  # shape, symbolic dims and dtype
     assert dims.pop("batch") == 3
-    assert set(dims) <= set(recipe.input_dims)
+    trt = recipe.trt_dims(cfg)
+    assert set(dims) <= set(recipe.input_dims) | set(trt)
     for dim, size in dims.items():  # the default sizes lie in the TensorRT profile
-        lo, _, hi = recipe.trt_dims[dim]
+        lo, _, hi = trt[dim]
         assert lo <= size <= hi, dim
 
 
 def test_every_symbolic_dim_has_a_tensorrt_range(recipe: Recipe) -> None:
-    _, seq = tiny_walks(recipe)
+    cfg, seq = tiny_walks(recipe)
     symbolic = {d for node in seq.nodes for s in node.inputs for d in s.shape if isinstance(d, str)}
-    assert symbolic - {"batch"} - KV_PAGE_DIMS == set(recipe.trt_dims)
+    assert symbolic - {"batch"} - KV_PAGE_DIMS == set(recipe.trt_dims(cfg))
     assert bool(symbolic & KV_PAGE_DIMS) == bool(seq.kv_tokens)  # paged walks say how many tokens
 
 
@@ -95,7 +96,7 @@ def test_a_recipe_without_tiny_is_refused() -> None:
     with pytest.raises(TypeError, match="tiny"):
         dataclasses.replace(vae, variants={"sd": vae.variant("sd")})
     with pytest.raises(TypeError, match="trt_dims"):
-        dataclasses.replace(vae, trt_dims={"height": (64, 8, 128)})
+        dataclasses.replace(vae, trt_dims=lambda cfg: {"height": (64, 8, 128)})
 
 
 # --- package layout ------------------------------------------------------------------------

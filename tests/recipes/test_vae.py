@@ -181,3 +181,90 @@ def test_fake_inputs_are_seeded_standard_normal() -> None:
     np.testing.assert_array_equal(a["latents"], b["latents"])
     other = VAE.fake_inputs(cfg, batch=3, seed=6, height=4, width=6)
     assert not np.array_equal(a["latents"], other["latents"])
+
+
+# -- folders as diffusers has them: pipeline roots, weights variants, shards -------------------
+
+
+def pipeline_root(model: torch.nn.Module, root: Path, **save: object) -> Path:
+    model.save_pretrained(root / "vae", safe_serialization=True, **save)
+    (root / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderKL"]}))
+    return root
+
+
+def test_pipeline_root_finds_the_vae_and_keeps_scaling(tmp_path: Path) -> None:
+    reference = diffusers_vae(VAE.variants["tiny"])
+    reference.register_to_config(scaling_factor=0.13025, shift_factor=0.1, sample_size=64)
+    read = VAE.read_checkpoint(pipeline_root(reference, tmp_path))
+    cfg, tensors = read
+    assert cfg == VAE.variants["tiny"] and set(tensors) == set(reference.state_dict())
+    assert read.manifest == {"vae": {"scaling_factor": 0.13025, "shift_factor": 0.1, "latents_mean": None,
+                                     "latents_std": None, "force_upcast": True, "sample_size": 64}}
+
+
+def test_weights_variant_picks_its_file_and_only_that(tmp_path: Path) -> None:
+    reference = diffusers_vae(VAE.variants["tiny"])
+    root = pipeline_root(reference, tmp_path)
+    reference.to(torch.float16).save_pretrained(root / "vae", safe_serialization=True, variant="fp16")
+    plain = VAE.read_checkpoint(root)[1]
+    half = VAE.read_checkpoint(root, weights_variant="fp16")[1]
+    assert set(plain) == set(half) == set(reference.state_dict())  # one file each, not both merged
+    assert {t.dtype for t in plain.values()} == {torch.float32}
+    assert {t.dtype for t in half.values()} == {torch.float16}
+    with pytest.raises(WalkforgeError, match=r"no diffusion_pytorch_model\.bf16\.safetensors.*found"):
+        VAE.read_checkpoint(root, weights_variant="bf16")
+
+
+def test_sharded_weights_load(tmp_path: Path) -> None:
+    reference = diffusers_vae(VAE.variants["tiny"])
+    root = pipeline_root(reference, tmp_path, max_shard_size="100KB")
+    assert (root / "vae" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    cfg, tensors = VAE.read_checkpoint(root)
+    model = VAE.build(cfg)
+    assert load_strict(model, tensors, VAE.key_map)["loaded"] == len(model.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+
+
+def test_pipeline_without_vae_refused(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": ["diffusers", "U"]}))
+    with pytest.raises(WalkforgeError, match="no 'vae' component; components: unet"):
+        VAE.read_checkpoint(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(WalkforgeError, match="vae/config.json is missing"):
+        VAE.read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"weights_variant": "fp8"}, r"^--weights-variant must be one of fp16, bf16, got 'fp8'$"),
+    ({"weights_variant": "fp16"}, "give --checkpoint"),
+])
+def test_weights_variant_request_checked(tmp_path: Path, fields: dict, message: str) -> None:
+    from walkforge import CompileRequest
+
+    with pytest.raises(WalkforgeError, match=message):
+        CompileRequest("vae", tmp_path / "b", **fields)
+
+
+def test_encoder_matches_diffusers_and_grows_from_weights(tiny_folder: Path) -> None:
+    cfg, tensors = VAE.read_checkpoint(tiny_folder)
+    model = VAE.build(cfg, walks=("decode", "encode")).eval()
+    assert load_strict(model, tensors, VAE.key_map) == {"loaded": len(tensors), "ignored": 0}
+    reference = diffusers_vae(cfg)  # the same seed: the weights tiny_folder holds
+    images = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        mean, std = model.encode(images)
+        dist = reference.encode(images).latent_dist
+    assert rel_err(mean, dist.mean) <= vae_decode_tol(max(cfg.block_out_channels))  # measured: identical
+    assert rel_err(std, dist.std) <= vae_decode_tol(max(cfg.block_out_channels))
+    grown = VAE.build(cfg)  # decoder only, as the torch backend builds it from a bundle's config
+    grown.load_state_dict(model.state_dict(), strict=True)
+    assert [n.name for n in VAE.walks(grown, cfg).nodes] == ["decode", "encode"]
+    decode = VAE.walks(grown, cfg).node("decode").module
+    assert set(decode.state_dict()) == set(VAE.build(cfg).state_dict())  # a walk holds only its own
+
+
+@pytest.mark.parametrize("walks", [("encode",), ("decode", "upscale")])
+def test_bad_walks_refused(walks: tuple[str, ...]) -> None:
+    with pytest.raises(WalkforgeError, match="--walks: the vae recipe compiles decode and optionally encode"):
+        VAE.build(VAE.variants["tiny"], walks=walks)

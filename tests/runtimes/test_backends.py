@@ -36,7 +36,7 @@ def test_auto_picks_cpu_here_with_a_reason():
     choice, reason = resolve_backend("auto")
     assert choice == "cpu"
     assert reason.startswith("auto chose cpu") and "not trt" in reason and "not torch-cuda" in reason
-    assert available_backends() == ["cpu", "torch"]
+    assert available_backends() == ["cpu", "torch", "torch-bf16"]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only answer")
@@ -113,7 +113,7 @@ def test_cpu_pool_is_host_memory_the_engines_bind_in_place():
 
 
 def test_unknown_backend_lists_the_known_ones():
-    known = "trt, cuda, torch-cuda, cpu, torch, auto"
+    known = "trt, cuda, torch-cuda, cpu, torch, torch-bf16, auto"
     with pytest.raises(WalkforgeError, match=f"unknown backend 'tpu'; choose one of {known}"):
         resolve_backend("tpu")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tolerances import PI0_TINY_ACTIONS_TOL, rel_err
+from tolerances import PI0_TINY_ACTIONS_TOL, cosine, rel_err
 
 import walkforge
 from walkforge import CompileRequest, compile_bundle
@@ -210,3 +210,102 @@ def test_cpu_runtime_runs_without_torch_or_triton(bundle, policy, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"  # neither was imported
     assert np.array_equal(np.load(tmp_path / "out.npy"), policy.run(feeds)["actions"])
+
+
+# ---------------------------------------------------------------- masked cameras cost nothing
+
+PATTERNS_3 = [p for p in np.ndindex(2, 2, 2) if any(p)]  # every camera pattern of 3 but none
+
+
+@pytest.fixture(scope="module")
+def three_views(tmp_path_factory) -> Bundle:
+    """tiny with three camera slots (robots often compile three and fill two)."""
+    import json
+
+    out = tmp_path_factory.mktemp("pi0") / "tiny3"
+    (out.parent / "views.json").write_text(json.dumps({"num_views": 3}))
+    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=4, gpu_archs=(),
+                                  config_file=out.parent / "views.json"))
+    return Bundle.open(out)
+
+
+def walk_inputs(policy, feeds: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, tuple]], np.ndarray]:
+    """(the input shapes each walk was first called with, the actions)."""
+    from walkforge.runtimes.values import to_numpy
+
+    seen: dict[str, dict[str, tuple[int, ...]]] = {}
+    policy.chain.observer = lambda walk, inputs, _s: seen.setdefault(
+        walk, {k: to_numpy(v).shape for k, v in inputs.items()})
+    try:
+        actions = policy.run(feeds)["actions"]
+    finally:
+        policy.chain.observer = None
+    return seen, actions
+
+
+@pytest.mark.parametrize("pattern", PATTERNS_3, ids=lambda p: "".join("x" if v else "-" for v in p))
+def test_masked_cameras_are_not_run_and_actions_match(three_views, pattern):
+    cfg = PI0.variant("tiny")
+    policy = walkforge.load(three_views.root, spinning=False)
+    feeds = PI0.fake_inputs(type(cfg)(**{**cfg.__dict__, "num_views": 3}), batch=1, seed=11)
+    feeds["image_masks"] = np.array([pattern], dtype=bool)
+    feeds["prompt_mask"][0, 10:] = False  # 10 of 16 prompt tokens
+    seen, got = walk_inputs(policy, feeds)
+    assert seen["vision"]["images"][1] == sum(pattern)  # only the valid cameras are encoded
+    assert seen["prefill"]["image_tokens"][1] == 256 * sum(pattern)  # compacted prefix
+    assert seen["prefill"]["prompt_ids"][1] == 10
+    assert rel_err(got, reference(three_views, feeds)) <= ACTIONS_TOL  # reference: all 3 slots, masked
+
+
+def test_batch_compacts_to_the_most_cameras_any_request_has(three_views):
+    cfg = PI0.variant("tiny")
+    policy = walkforge.load(three_views.root, spinning=False)
+    feeds = PI0.fake_inputs(type(cfg)(**{**cfg.__dict__, "num_views": 3}), batch=3, seed=12)
+    feeds["image_masks"] = np.array([[False, True, False], [True, False, True], [False, False, True]])
+    seen, got = walk_inputs(policy, feeds)
+    assert seen["vision"]["images"][:2] == (3, 2)
+    assert rel_err(got, reference(three_views, feeds)) <= ACTIONS_TOL
+    for i in range(3):  # each request alone (one camera, two, one) gives its own actions
+        alone = {k: v[i:i + 1] for k, v in feeds.items()}
+        assert rel_err(got[i:i + 1], policy.run(alone)["actions"]) <= BATCH_TOL
+
+
+def test_compact_keeps_valid_cameras_in_order():
+    from walkforge.runtimes.fronts.pi0 import compact
+
+    images = np.arange(2 * 3).reshape(2, 3, 1, 1, 1).astype(np.float32)
+    masks = np.array([[False, True, True], [True, False, False]])
+    ids = np.array([[5, 6, 0, 0], [7, 0, 0, 0]])
+    out = compact(images, masks, ids, ids > 0)
+    # request 1: its camera 0, then one masked slot (request 0 has two cameras)
+    assert out["images"][:, :, 0, 0, 0].tolist() == [[1, 2], [3, 4]]
+    assert out["image_masks"].tolist() == [[True, True], [True, False]]
+    assert out["prompt_ids"].tolist() == [[5, 6], [7, 0]]
+    none = compact(images, np.zeros((2, 3), bool), ids, np.zeros_like(ids, bool))
+    assert none["images"].shape[1] == 1 and none["prompt_ids"].shape[1] == 1  # never an empty walk
+
+
+# ---------------------------------------------------------------- torch-bf16 reference, bench ratios
+
+BF16_COSINE_MIN = 0.999  # bf16 GEMMs (8 mantissa bits) on tiny pi0 vs fp32 (measured ≈ 0.99999)
+
+
+def test_torch_bf16_backend_runs_the_modules_under_autocast(bundle):
+    feeds = PI0.fake_inputs(PI0.variant("tiny"), batch=2, seed=13)
+    got = walkforge.load(bundle.root, "torch-bf16").run(feeds)["actions"]
+    want = reference(bundle, feeds)
+    assert got.dtype == np.float32
+    assert cosine(got, want) >= BF16_COSINE_MIN
+    assert rel_err(got, want) > ACTIONS_TOL  # really bf16, not the fp32 modules
+
+
+def test_bench_reports_ratios_to_both_references():
+    from walkforge.tools.bench import REFERENCES, _ratios, ratio_key
+
+    def run(end_to_end: float, vision: float) -> dict:
+        return {"end_to_end": {"median_ms": end_to_end}, "walks": {"vision": {"median_ms": vision}}}
+
+    results = {"cpu": run(10.0, 2.0), "torch": run(20.0, 8.0), "torch-bf16": run(12.5, 4.0)}
+    assert [ratio_key(r) for r in REFERENCES] == ["ratio_vs_torch", "ratio_vs_torch_bf16"]
+    assert _ratios(results, "torch")["cpu"] == {"end_to_end": 0.5, "vision": 0.25}
+    assert _ratios(results, "torch-bf16")["cpu"] == {"end_to_end": 0.8, "vision": 0.5}

@@ -128,3 +128,13 @@ def test_bench_measure_structure(tiny_bundle: Path) -> None:
         assert stats["n"] == 3
         assert stats["median_ms"] > 0
         assert stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+
+
+def test_bench_setting_tiles_the_decode(tiny_bundle: Path, decoders: tuple[VaeDecoder, VaeDecoder]) -> None:
+    """`walkforge bench --setting tiled=1 --setting tile_size=8`: the front's run tiles the decode."""
+    report = measure(tiny_bundle, "cpu", warmup=0, iters=1, batch=1, threads=1,
+                     dims={"height": 8, "width": 8}, settings={"tiled": 1, "tile_size": 8})
+    assert report["walks"]["decode"]["n"] == 9  # 8x8 latents, 4-latent tiles every 3: 3 x 3 engine calls
+    x = latents(1, 4, 8, 8)
+    np.testing.assert_array_equal(decoders[0].run({"latents": x}, tiled=1, tile_size=8)["sample"],
+                                  decoders[0].decode(x, tiled=True, tile_size=8))

@@ -3,8 +3,14 @@
 The writer stages everything in a hidden folder beside the destination and renames it into
 place only when complete, so an interrupted or failed compile leaves nothing at the destination;
 a folder left by a killed compile is removed by the next write there (`staged_bundle`). The
-reader refuses foreign bundles, unknown format versions and any file whose size or sha256
-differs from the manifest, naming the file.
+reader refuses foreign bundles, unknown format versions, any path the manifest names that is not
+inside the bundle (artifacts/paths.py), a file present but not listed or listed but absent, and any
+file whose size or sha256 differs from the manifest, naming the file. A second write to the same
+destination while one is in progress is refused.
+
+A bundle's digest is the sha256 of its manifest bytes, which hold every other file's sha256: pin it
+(`Bundle.open(root, digest=...)`, `check_digest`) to load only the bundle that was tested. It is
+not a signature: whoever can write the bundle can write a manifest to match.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
+from walkforge.artifacts.paths import check_listed_exactly, check_paths, inside
+from walkforge.artifacts.schema import check_schema
 from walkforge.errors import WalkforgeError
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,7 @@ def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
     _remove_stale_partials(out)
     try:
         with _partial(out) as partial, _signal_guard() as guard:
+            _refuse_if_another_writer(out, partial)
             stage = partial / STAGE
             stage.mkdir()  # 0o777 less the umask (and any default ACL), like any user's mkdir
             umask = ~stage.stat().st_mode & 0o777
@@ -125,7 +135,8 @@ def _new_partial(out: Path) -> tuple[Path, int]:
     folder in the instant before the lock is taken; then make another."""
     while True:
         try:
-            partial = Path(tempfile.mkdtemp(prefix=f"{_prefix(out)}{os.getpid()}-", dir=out.parent))
+            partial = Path(tempfile.mkdtemp(prefix=f"{_prefix(out)}{os.getpid()}-{time.time_ns()}-",
+                                            dir=out.parent))
         except OSError as exc:
             raise _unwritable(out, exc) from None
         try:
@@ -154,14 +165,37 @@ def _prefix(out: Path) -> str:
 def _remove_stale_partials(out: Path) -> None:
     """Remove the partial folders beside `out` whose writer is gone; log how many and their size."""
     removed = []
-    for path in out.parent.iterdir():
-        if path.name.startswith(_prefix(out)) and path.is_dir() and not path.is_symlink():
-            size = _remove_if_stale(path)
-            if size is not None:
-                removed.append(size)
+    for path in _partials(out):
+        size = _remove_if_stale(path)
+        if size is not None:
+            removed.append(size)
     if removed:
         log.warning("removed %d stale partial output(s) of killed writes beside %s (%.1f MB)",
                     len(removed), out, sum(removed) / 1e6)
+
+
+def _refuse_if_another_writer(out: Path, mine: Path) -> None:
+    """Refuse to write `out` while an older partial of it is held by a live writer. Called with
+    our own partial locked, so of writers that start together exactly the oldest goes on: each
+    either sees the other's lock or removed its not-yet-locked folder (whose writer then retries)."""
+    key = _age(mine, out)
+    for path in _partials(out):
+        if path != mine and _age(path, out) < key and _remove_if_stale(path) is None:
+            pid = path.name[len(_prefix(out)):].split("-", 1)[0]
+            raise WalkforgeError(f"another walkforge process (pid {pid}) is writing {out}; "
+                                 "wait for it to finish or stop it")
+
+
+def _partials(out: Path) -> list[Path]:
+    return [path for path in out.parent.iterdir()
+            if path.name.startswith(_prefix(out)) and path.is_dir() and not path.is_symlink()]
+
+
+def _age(partial: Path, out: Path) -> tuple[int, str]:
+    """Creation order of `out`'s partial folders: the time in their name (`<pid>-<ns>-`), then the
+    name. A folder named otherwise (an older walkforge's) counts as the oldest."""
+    fields = partial.name[len(_prefix(out)):].split("-")
+    return (int(fields[1]) if len(fields) > 2 and fields[1].isdigit() else 0), partial.name
 
 
 def _remove_if_stale(partial: Path) -> int | None:
@@ -273,7 +307,16 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     """Parse and check the manifest's format fields (no file hashing)."""
-    root = Path(root)
+    return _read_manifest(Path(root))[0]
+
+
+def manifest_digest(root: Path | str) -> str:
+    """The bundle's digest: sha256 of its manifest bytes (hex)."""
+    return _read_manifest(Path(root))[1]
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, Any], str]:
+    """(manifest, digest) from one read of the manifest's bytes."""
     if not root.exists():
         raise WalkforgeError(f"bundle not found: {root}")
     if not root.is_dir():
@@ -282,17 +325,36 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise WalkforgeError(f"{root} is not a walkforge bundle: no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise WalkforgeError(f"{path}: corrupt manifest ({exc})") from None
+    except OSError as exc:
+        raise WalkforgeError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise WalkforgeError(f"{path}: not a walkforge bundle manifest (foreign format)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise WalkforgeError(
-            f"{path}: bundle format version {version}, this walkforge reads version {FORMAT_VERSION}"
+            f"{path}: bundle format version {version!r}, this walkforge reads version {FORMAT_VERSION}"
         )
-    return manifest
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def normal_digest(digest: str) -> str:
+    """`digest` as 64 lowercase hex digits (a `sha256:` prefix is accepted); refuse anything else."""
+    value = digest.strip().lower().removeprefix("sha256:") if isinstance(digest, str) else ""
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise WalkforgeError(f"--digest must be the 64 hex digits `walkforge inspect` prints, got {digest!r}")
+    return value
+
+
+def check_digest(bundle: Bundle, expected: str | None) -> Bundle:
+    """`bundle` if its digest is `expected` (or nothing is pinned); else refuse, naming both."""
+    if expected is not None and bundle.digest != normal_digest(expected):
+        raise WalkforgeError(f"bundle {bundle.root} has digest {bundle.digest}, not the pinned "
+                             f"{normal_digest(expected)}; refused")
+    return bundle
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
@@ -303,7 +365,9 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     for rel, entry in files.items():
         if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
             raise WalkforgeError(f"{Path(root) / MANIFEST}: malformed files entry for {rel}")
-        path = Path(root) / rel
+    check_listed_exactly(Path(root), set(files), MANIFEST)
+    for rel, entry in files.items():
+        path = inside(Path(root), rel, f"files[{rel!r}]")
         if not path.is_file():
             raise WalkforgeError(f"bundle file missing: {rel}")
         size = path.stat().st_size
@@ -316,18 +380,25 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
 
 
 class Bundle:
-    """An opened, verified bundle: its root and manifest."""
+    """An opened, verified bundle: its root, manifest and digest (None for one being staged)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], digest: str | None = None) -> None:
         self.root = Path(root)
         self.manifest = manifest
+        self.digest = digest
 
     @classmethod
-    def open(cls, root: Path | str, verify: bool = True) -> Bundle:
-        manifest = read_manifest(Path(root))
+    def open(cls, root: Path | str, verify: bool = True, digest: str | None = None) -> Bundle:
+        """Read `root`'s manifest and refuse any path in it that leaves the bundle; with `verify`,
+        refuse unlisted, missing or altered files; with `digest`, a bundle of another digest.
+        A manifest the runtime cannot read (artifacts/schema.py) is refused too."""
+        manifest, actual = _read_manifest(Path(root))
+        bundle = check_digest(cls(Path(root), manifest, actual), digest)
+        check_paths(bundle.root, manifest)
+        check_schema(manifest, str(bundle.root / MANIFEST))
         if verify:
-            verify_files(Path(root), manifest)
-        return cls(Path(root), manifest)
+            verify_files(bundle.root, manifest)
+        return bundle
 
     @property
     def recipe(self) -> str:
@@ -339,5 +410,6 @@ class Bundle:
             raise WalkforgeError(f"bundle has no walk '{name}'; walks: {', '.join(walks)}")
         return walks[name]
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
+    def path(self, rel: str, entry: str = "path") -> Path:
+        """`root / rel`, refused unless it stays inside the bundle (artifacts/paths.py)."""
+        return inside(self.root, rel, entry)

@@ -1,4 +1,5 @@
-"""FP8 calibration: activation and weight amax, scales files, per-layer sensitivity.
+"""Calibration for the Q/DQ pass (FP8 or INT8): activation and weight amax, scales files,
+per-layer sensitivity.
 
 Activation amax comes from running the fp32 ONNX on onnxruntime with the activation inputs of
 every MatMul/Gemm/Conv exposed as extra graph outputs. Two methods:
@@ -10,7 +11,8 @@ every MatMul/Gemm/Conv exposed as extra graph outputs. Two methods:
   at most 2^(1/64) (1.1%) above the exact order statistic and never above the max.
 
 Weight amax is per output channel (MatMul [K, N] → N, Gemm transB [N, K] → N, Conv
-[O, I, kh, kw] → O). Scales are amax / 448 (`graphs.fp8.fp8_scales`). Scales files are
+[O, I, kh, kw] → O). Scales are amax / 448 for fp8, amax / 127 for int8
+(`graphs.fp8.qdq_scales`). Scales files are
 safetensors: `act/<tensor>` (0-d float32) and `weight/<initializer>` (1-d float32), with
 JSON-encoded metadata (method, samples, percentile).
 """
@@ -38,7 +40,7 @@ from walkforge.graphs.fp8 import (
     GEMM_OPS,
     node_name,
     plan_fp8,
-    quantize_fp8,
+    quantize_qdq,
     read_tensor,
     weight_uses,
 )
@@ -163,19 +165,19 @@ def per_layer_sensitivity(model: onnx.ModelProto, act_scales: Mapping[str, float
                           weight_scales: Mapping[str, np.ndarray],
                           feeds: Sequence[Mapping[str, np.ndarray]],
                           reference_outputs: Sequence[Mapping[str, np.ndarray]],
-                          base_dir: str | Path | None = None) -> list[tuple[str, float]]:
-    """Quantise one node at a time; return (node name, worst output cosine vs reference), lowest first.
-
-    `reference_outputs[i]` holds the fp32 outputs (by name) for `feeds[i]`.
+                          base_dir: str | Path | None = None, dtype: str = "fp8"
+                          ) -> list[tuple[str, float]]:
+    """Quantise one node at a time to `dtype`; return (node name, worst output cosine vs
+    reference), lowest first. `reference_outputs[i]` holds the fp32 outputs (by name) for `feeds[i]`.
     """
     uses, _ = plan_fp8(model, base_dir=base_dir)
     result = []
     for use in uses:
         single = onnx.ModelProto()
         single.CopyFrom(model)
-        quantize_fp8(single, act_scales, weight_scales, lambda n, keep=use.name: node_name(n) != keep,
-                     base_dir)
-        session = _session(single, base_dir)
+        quantize_qdq(single, act_scales, weight_scales, lambda n, keep=use.name: node_name(n) != keep,
+                     base_dir, dtype)
+        session = _session(single, base_dir, fuse_qdq=dtype == "int8")
         scores = []
         for sample, want in zip(feeds, reference_outputs, strict=True):
             names = list(want)
@@ -234,10 +236,12 @@ def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPro
     return out
 
 
-def _session(model: onnx.ModelProto, base_dir: str | Path | None = None) -> ort.InferenceSession:
-    """A CPU session for a throwaway model (a large one may be moved to external data)."""
-    opts = session_options(spinning=False)
-    kw = session_kwargs(["CPUExecutionProvider"])
+def _session(model: onnx.ModelProto, base_dir: str | Path | None = None,
+             fuse_qdq: bool = False) -> ort.InferenceSession:
+    """A CPU session for a throwaway model (a large one may be moved to external data);
+    `fuse_qdq` for an int8 model, to run it on the integer kernels the engines use."""
+    opts = session_options(spinning=False, fuse_qdq=fuse_qdq)
+    kw = session_kwargs(["CPUExecutionProvider"], fuse_qdq)
     if base_dir is None and model.ByteSize() < PROTO_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, **kw)
     if base_dir is not None:  # external data paths are relative to base_dir: put the graph there

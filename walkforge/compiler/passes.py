@@ -4,6 +4,7 @@ options) and returns the model with counts of what it changed; `run_pass` logs t
     attach_functions   walkforge op function bodies (passes stage)
     fp8_kv_pool        the page pool carried as E4M3 bytes, fp8 bodies (kv_cache stage)
     quantize_fp8       FP8 Q/DQ on GEMM/conv inputs and weights (calibrate stage)
+    quantize_int8      the same pass with INT8 Q/DQ, one Q/DQ pair per GEMM (calibrate stage)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import onnx
 
 from walkforge import plugins
-from walkforge.graphs.fp8 import quantize_fp8
+from walkforge.graphs.fp8 import quantize_fp8, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ PASSES: dict[str, Pass] = {
     "attach_functions": plugins.attach_functions,
     "fp8_kv_pool": plugins.fp8_kv_pool,
     "quantize_fp8": quantize_fp8,
+    "quantize_int8": quantize_int8,
 }
 
 

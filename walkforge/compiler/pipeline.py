@@ -10,6 +10,7 @@ bundle only after `package` succeeds.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 
 import walkforge
 from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
+from walkforge.artifacts.space import check_free_space, disk_full_reason, expected_bytes, is_disk_full
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import OPSET, export_walk, op_counts
 from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, check_archs, plugin_ops
@@ -40,8 +42,9 @@ from walkforge.recipes.weights import fingerprint, load_strict
 log = logging.getLogger(__name__)
 CHECK_REL_TOL = 1e-3  # fp32 ONNX vs torch, relative to output scale: catches broken exports
 WEIGHTS_FILE = "weights/model.safetensors"
-PRECISIONS = ("fp32", "fp8")
+PRECISIONS = ("fp32", "fp8", "int8")
 KV_DTYPES = ("fp32", "fp8")
+WEIGHTS_VARIANTS = ("fp16", "bf16")
 
 
 @dataclass
@@ -59,16 +62,18 @@ class CompileRequest:
     config_file: Path | None = None
     seed: int = 0
     force: bool = False
-    precision: str = "fp32"  # "fp32" | "fp8" (E4M3 Q/DQ on GEMM/conv inputs and weights)
+    precision: str = "fp32"  # "fp32" | "fp8" | "int8" (E4M3 / INT8 Q/DQ on GEMM/conv inputs and weights)
     calib_samples: int = 8
     calib_data: Path | None = None
     calib_method: str = "max"  # "max" | "percentile"
     calib_percentile: float = 99.99
-    reuse_calibration: Path | None = None  # take FP8 scales from this bundle (same weights only)
-    fp8_min_cosine: float | None = None  # end-to-end gate: exclude sensitive nodes until it holds
-    fp8_exclude: tuple[str, ...] = ()  # node names or torch module paths kept in fp32
+    reuse_calibration: Path | None = None  # take FP8/INT8 scales from this bundle (same weights only)
+    fp8_min_cosine: float | None = None  # --min-cosine: end-to-end gate (fp8, int8), excludes nodes
+    fp8_exclude: tuple[str, ...] = ()  # node names or torch module paths kept in fp32 (fp8 and int8)
     gpu_archs: tuple[str, ...] = DEFAULT_ARCHS
     kv_dtype: str = "fp32"  # "fp32" | "fp8" (E4M3 page pool, per-layer K/V scales; any precision)
+    weights_variant: str | None = None  # checkpoint weights file variant (diffusers' `variant=`)
+    walks: tuple[str, ...] = ()  # walks to compile where the recipe offers a choice (vae: decode,encode)
 
     def __post_init__(self) -> None:
         from walkforge.compiler.calibrate import METHODS
@@ -80,6 +85,8 @@ class CompileRequest:
             "calib_method": (self.calib_method in METHODS, f"one of {', '.join(METHODS)}"),
             "calib_percentile": (0 < self.calib_percentile <= 100, "in (0, 100]"),
             "fp8_min_cosine": (self.fp8_min_cosine is None or 0 < self.fp8_min_cosine <= 1, "in (0, 1]"),
+            "weights_variant": (self.weights_variant in (None, *WEIGHTS_VARIANTS),
+                                f"one of {', '.join(WEIGHTS_VARIANTS)}"),
         }
         for name, (ok, rule) in rules.items():
             if not ok:
@@ -87,6 +94,8 @@ class CompileRequest:
                 raise WalkforgeError(f"{flag} must be {rule}, got {getattr(self, name)!r}")
         if self.variant is not None and self.checkpoint is not None:
             raise WalkforgeError("give either --variant or --checkpoint, not both")
+        if self.weights_variant is not None and self.checkpoint is None:
+            raise WalkforgeError("--weights-variant picks a checkpoint's weights file: give --checkpoint")
         check_archs(self.gpu_archs)
 
 
@@ -100,6 +109,7 @@ class Job:
     cfg: Any = None
     walks: Any = None  # the recipe's walks on a weightless (meta) model, set by `trace`
     manifest: dict[str, Any] = field(default_factory=dict)
+    need: int | None = None  # the bundle's expected bytes, from its weights (set by `load`)
 
 
 def load(job: Job) -> dict[str, int]:
@@ -107,19 +117,27 @@ def load(job: Job) -> dict[str, int]:
     later stages read weights from that file, one walk or one tensor at a time."""
     req = job.request
     job.recipe = get_recipe(req.recipe)
+    overrides = load_overrides(req.config_file) if req.config_file is not None else {}
     if req.checkpoint is not None:
-        job.cfg, tensors = job.recipe.read_checkpoint(Path(req.checkpoint))
+        variant = {"weights_variant": req.weights_variant} if req.weights_variant else {}
+        if variant and "weights_variant" not in inspect.signature(job.recipe.read_checkpoint).parameters:
+            raise WalkforgeError(f"--weights-variant: recipe '{req.recipe}' reads one weights file")
+        # the overrides go in first: head counts and sizes are in no tensor shape
+        read = job.recipe.read_checkpoint(Path(req.checkpoint), overrides, **variant)
+        job.cfg, tensors = read
+        job.manifest |= getattr(read, "manifest", {})  # recipe entries, e.g. the vae's scaling
     else:
-        job.cfg, tensors = job.recipe.variant(req.variant or "tiny"), None
-    if req.config_file is not None:
-        job.cfg = from_dict(job.recipe.config, load_overrides(req.config_file), job.cfg)
+        job.cfg = from_dict(job.recipe.config, overrides, job.recipe.variant(req.variant or "tiny"))
+        tensors = None
     torch.manual_seed(req.seed)
-    model = job.recipe.build(job.cfg).eval()
+    model = build_model(job.recipe, job.cfg, req.walks).eval()
     counts = {"parameters": sum(p.numel() for p in model.parameters())}
     if tensors is not None:
         counts |= load_strict(model, tensors, job.recipe.key_map)
     del tensors
     state = model.state_dict()
+    job.need = expected_bytes(sum(t.numel() * t.element_size() for t in state.values()))
+    check_free_space(job.stage_dir, Path(req.out), job.need)
     (job.stage_dir / WEIGHTS_FILE).parent.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(job.stage_dir / WEIGHTS_FILE))
     source = ({"source": "checkpoint", "path": str(req.checkpoint)} if req.checkpoint is not None
@@ -129,20 +147,29 @@ def load(job: Job) -> dict[str, int]:
         "config": to_dict(job.cfg),
         "weights": {"fingerprint": fingerprint(state), "file": WEIGHTS_FILE, **source, **counts},
         "front": job.recipe.front,  # the runtime resolves it; it never imports recipes
-        "dim_ranges": {k: list(v) for k, v in job.recipe.trt_dims.items()},  # TensorRT (min, opt, max)
+        "dim_ranges": {k: list(v) for k, v in job.recipe.trt_dims(job.cfg).items()},  # TensorRT ranges
     }
     return counts
 
 
-def skeleton(recipe: Recipe, cfg: Any) -> torch.nn.Module:
+def build_model(recipe: Recipe, cfg: Any, walks: tuple[str, ...] = ()) -> torch.nn.Module:
+    """`recipe.build(cfg)`, told which walks to hold where the request names them (`--walks`)."""
+    if not walks:
+        return recipe.build(cfg)
+    if "walks" not in inspect.signature(recipe.build).parameters:
+        raise WalkforgeError(f"--walks: recipe '{recipe.name}' always compiles all its walks")
+    return recipe.build(cfg, walks=tuple(walks))
+
+
+def skeleton(recipe: Recipe, cfg: Any, walks: tuple[str, ...] = ()) -> torch.nn.Module:
     """The recipe's model without weights: every parameter and buffer on the meta device."""
     with torch.device("meta"):
-        return recipe.build(cfg).eval()
+        return build_model(recipe, cfg, walks).eval()
 
 
 def trace(job: Job) -> dict[str, int]:
     """Export every walk from a weightless model; stream its weights into `<walk>.onnx.data`."""
-    job.walks = job.recipe.walks(skeleton(job.recipe, job.cfg), job.cfg)
+    job.walks = job.recipe.walks(skeleton(job.recipe, job.cfg, job.request.walks), job.cfg)
     (job.stage_dir / "walks").mkdir()
     walks, totals = {}, Counter()
     for node in job.walks.nodes:
@@ -188,7 +215,8 @@ def check(job: Job) -> dict[str, int]:
     checks = {}
     for node in job.walks.nodes:
         walk = job.manifest["walks"][node.name]
-        feeds, want = reference(job.recipe, job.cfg, node.name, job.stage_dir / WEIGHTS_FILE)
+        feeds, want = reference(job.recipe, job.cfg, node.name, job.stage_dir / WEIGHTS_FILE,
+                                job.request.walks)
         got = onnx_outputs(job.runtime, node.name, job.stage_dir / walk["onnx"], walk, feeds)
         result = worst([agreement(g, w) for g, w in zip(got, want, strict=True)])
         checks[node.name] = result.to_json()
@@ -200,14 +228,14 @@ def check(job: Job) -> dict[str, int]:
     return {"walks_checked": len(checks)}
 
 
-def reference(recipe: Recipe, cfg: Any, name: str, weights: Path
+def reference(recipe: Recipe, cfg: Any, name: str, weights: Path, walks: tuple[str, ...] = ()
               ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """(example inputs, torch outputs) of walk `name`, its weights read from `weights`.
 
     The example inputs are copied before torch runs, so a walk that updates an input in place
     (an aliased KV pool) hands onnxruntime the same inputs torch saw.
     """
-    node = walk_with_weights(recipe, cfg, name, weights)
+    node = walk_with_weights(recipe, cfg, name, weights, walks)
     feeds = {k: v.detach().numpy().copy() for k, v in node.example_inputs.items()}
     with torch.no_grad():
         want = node.module(*(node.example_inputs[s.name] for s in node.inputs))
@@ -222,13 +250,14 @@ def onnx_outputs(runtime: Runtime, name: str, path: Path, walk: dict[str, Any],
     return [runtime.to_numpy(got[s["name"]]) for s in walk["outputs"]]
 
 
-def walk_with_weights(recipe: Recipe, cfg: Any, name: str, weights: Path) -> GraphNode:
+def walk_with_weights(recipe: Recipe, cfg: Any, name: str, weights: Path,
+                      walks: tuple[str, ...] = ()) -> GraphNode:
     """Walk `name` of a model that holds real weights for that walk only, read from `weights`.
 
     The other weights are one-element CPU stand-ins (zero-stride views): a recipe may derive
     its example inputs' device from the model's parameters, and these must be real CPU tensors.
     """
-    model = skeleton(recipe, cfg)
+    model = skeleton(recipe, cfg, walks)
     model.load_state_dict({k: torch.zeros((), dtype=t.dtype).expand(t.shape)
                            for k, t in model.state_dict().items()}, assign=True)
     node = recipe.walks(model, cfg).node(name)
@@ -269,7 +298,7 @@ def kv_cache(job: Job) -> dict[str, int]:
 
 
 def calibrate(job: Job) -> dict[str, int]:
-    """fp8: calibrate on the fp32 cpu engines (or reuse scales), quantise, gate end to end."""
+    """fp8/int8: calibrate on the fp32 cpu engines (or reuse scales), quantise, gate end to end."""
     from walkforge.compiler.calibrate import calibration_samples
     from walkforge.compiler.quantize import Fp8Options, quantize_bundle
 
@@ -280,13 +309,12 @@ def calibrate(job: Job) -> dict[str, int]:
     samples = [] if req.reuse_calibration else calibration_samples(
         bundle, req.calib_data, req.calib_samples, req.seed)
     opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
-                      req.fp8_min_cosine, req.fp8_exclude)
+                      req.fp8_min_cosine, req.fp8_exclude, req.precision)
     entry, counts = quantize_bundle(bundle, samples, opts, job.runtime, job.progress.bar)
-    job.manifest["precision"] = {"weights": "fp8_e4m3", "activations": "fp8_e4m3",
-                                 "kv": job.manifest["precision"]["kv"],
-                                 "calibration": entry}
+    job.manifest["precision"]["calibration"] = entry  # quantize_bundle set weights/activations
     e2e, excluded = entry["end_to_end"], entry["gate"]["excluded"]
-    job.progress.say(f"fp8 vs fp32 end to end: cosine {e2e['cosine']:.6f}, rel err {e2e['rel']:.2e}"
+    job.progress.say(f"{req.precision} vs fp32 end to end: cosine {e2e['cosine']:.6f}, "
+                     f"rel err {e2e['rel']:.2e}"
                      + (f"; kept in fp32: {', '.join(excluded)}" if excluded else ""))
     return counts | {"excluded": len(excluded)}
 
@@ -351,6 +379,11 @@ def compile_bundle(request: CompileRequest, progress: Progress | None = None, *,
                     raise
                 except WalkforgeError as exc:
                     raise CompileError(name, done, str(exc)) from None
+                except Exception as exc:
+                    if not is_disk_full(exc):
+                        raise
+                    raise CompileError(name, done, disk_full_reason(exc, stage_dir, request.out, job.need)
+                                       ) from None
                 log.info("%s: %s", name, counts)
                 job.manifest.setdefault("stages", {})[name] = counts
                 done.append(name)

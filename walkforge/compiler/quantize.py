@@ -1,10 +1,11 @@
-"""FP8 for a staged bundle: calibrate (or reuse) scales, quantise every walk, gate end to end.
+"""FP8 or INT8 for a staged bundle: calibrate (or reuse) scales, quantise every walk, gate end to end.
 
 1. Scales: run calibration samples through the fp32 cpu engines the way the runtime chains
    them (every engine call, each loop step included, is a sample of its walk) — or take them
    from an earlier bundle with the same weights (`reuse`). One artifact holds them all:
-   `calib/scales.safetensors`, keys `<walk>/act/<tensor>` and `<walk>/weight/<initializer>`.
-2. Quantise: the FP8 Q/DQ pass over every walk, minus excluded nodes.
+   `calib/scales.safetensors`, keys `<walk>/act/<tensor>` and `<walk>/weight/<initializer>`,
+   metadata `dtype` (scales are amax / the dtype's max; reused scales convert between dtypes).
+2. Quantise: the Q/DQ pass (graphs/fp8.py) in that dtype over every walk, minus excluded nodes.
 3. Gate (`min_cosine`): end-to-end cosine of the front API's outputs vs the fp32 engines on
    held-out inputs. While below the gate, exclude the most sensitive nodes (each measured by
    quantising it alone), doubling how many, and quantise again. Reports what it excluded.
@@ -37,27 +38,32 @@ from walkforge.compiler.export import op_counts
 from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime, host_copy
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import fp8_scales
+from walkforge.graphs.fp8 import QDTYPES, qdq_scales
 
 SCALES_FILE = "calib/scales.safetensors"
 HELD_OUT_SEEDS = (7001, 7002)  # end-to-end gate inputs; calibration uses seed + 1000 + k
 
 Scales = dict[str, tuple[dict[str, float], dict[str, np.ndarray]]]  # walk → (activations, weights)
+MANIFEST_PRECISION = {"fp8": "fp8_e4m3", "int8": "int8"}  # dtype → manifest precision weights/activations
 
 
 @dataclass(frozen=True)
 class Fp8Options:
+    """How a bundle is quantised; `dtype` "fp8" or "int8" (the name predates int8)."""
+
     method: str = "max"
     percentile: float = 99.99
     reuse: Path | None = None  # an earlier bundle whose scales to take (same weights only)
     min_cosine: float | None = None  # end-to-end gate; None = measure, never exclude
     exclude: tuple[str, ...] = ()  # node names or torch module paths never quantised
+    dtype: str = "fp8"
 
 
 def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
                     runtime: Runtime, progress: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
-    """Make every walk of a staged fp32 bundle FP8, running it on `runtime`'s cpu engines; return
-    the manifest's calibration entry and the Q/DQ pass counts summed over walks."""
+    """Make every walk of a staged fp32 bundle `opts.dtype`, running it on `runtime`'s cpu engines;
+    return the manifest's calibration entry and the Q/DQ pass counts summed over walks. Sets the
+    manifest's precision weights/activations (the cpu engines fuse int8 Q/DQ by it)."""
     from walkforge.recipes.inputs import example_inputs
 
     paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
@@ -68,11 +74,13 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     runner.chain.observer = lambda walk, inputs, _s: first.setdefault(walk, host_copy(runtime, inputs))
     reference = [runner.run(dict(s)) for s in held_out]
     if opts.reuse is not None:
-        scales, meta = reused_scales(opts.reuse, bundle.manifest)
+        scales, meta = reused_scales(opts.reuse, bundle.manifest, opts.dtype)
     else:
         scales, meta = collected_scales(runner, runtime, fp32, paths, samples, opts, progress)
     del runner  # its sessions read the fp32 files about to be rewritten
     save_scales(bundle.path(SCALES_FILE), scales, meta)
+    precision = MANIFEST_PRECISION[opts.dtype]
+    bundle.manifest["precision"] |= {"weights": precision, "activations": precision}
     ranking: list[tuple[str, str, float]] = []
 
     def attempt(n: int) -> tuple[dict[str, set[str]], dict[str, int], dict[str, float]]:
@@ -80,13 +88,13 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
         excluded: dict[str, set[str]] = {name: set() for name in paths}
         for walk, node, _ in ranking[:n]:
             excluded[walk].add(node)
-        counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude)
+        counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude, opts.dtype)
         return excluded, counts, _end_to_end(runtime, bundle, held_out, reference)
 
     excluded, counts, e2e = attempt(0)
     if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
-        ranking = sensitivity_ranking(fp32, scales, first)
-        excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e)
+        ranking = sensitivity_ranking(fp32, scales, first, opts.dtype)
+        excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e, opts.dtype)
     entry = {**meta, "scales": SCALES_FILE, "end_to_end": e2e,
              "gate": {"min_cosine": opts.min_cosine,
                       "excluded": sorted(f"{w}:{n}" for w, names in excluded.items() for n in names)}}
@@ -101,9 +109,9 @@ def collected_scales(runner: Any, runtime: Runtime, fp32: Mapping[str, onnx.Mode
     collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), opts.method,
                                       opts.percentile, p.parent) for name, p in paths.items()}
     _run_samples(runner, runtime, collectors, list(samples), progress)
-    scales = {name: (fp8_scales(c.result()), fp8_scales(weight_amax(fp32[name])))
+    scales = {name: (qdq_scales(c.result(), opts.dtype), qdq_scales(weight_amax(fp32[name]), opts.dtype))
               for name, c in collectors.items()}
-    meta = {"method": opts.method, "samples": len(samples),
+    meta = {"dtype": opts.dtype, "method": opts.method, "samples": len(samples),
             "calls": {name: c.samples for name, c in collectors.items()}}
     return scales, meta | ({"percentile": opts.percentile} if opts.method == "percentile" else {})
 
@@ -118,17 +126,24 @@ def reusable_manifest(old: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return theirs
 
 
-def reused_scales(old: Path, manifest: Mapping[str, Any]) -> tuple[Scales, dict[str, Any]]:
-    """Scales of an earlier bundle; refused unless its weights fingerprint and walks match."""
+def reused_scales(old: Path, manifest: Mapping[str, Any], dtype: str = "fp8"
+                  ) -> tuple[Scales, dict[str, Any]]:
+    """Scales of an earlier bundle for `dtype` (an fp8 bundle's serve an int8 compile and back:
+    the amax is the same); refused unless its weights fingerprint and walks match."""
     theirs = reusable_manifest(old, manifest)
     calibration = (theirs.get("precision") or {}).get("calibration")
     if not calibration or calibration.get("scales") != SCALES_FILE:
-        raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8 calibration")
+        raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8/INT8 calibration")
     scales, meta = load_scales(Path(old) / SCALES_FILE)
+    ratio = np.float32(QDTYPES[meta.get("dtype", "fp8")].max / QDTYPES[dtype].max)
+    if ratio != 1:
+        scales = {walk: ({k: float(np.float32(v) * ratio) for k, v in act.items()},
+                         {k: (v * ratio).astype(np.float32) for k, v in weights.items()})
+                  for walk, (act, weights) in scales.items()}
     if set(scales) != set(manifest["walks"]):
         raise WalkforgeError(f"--reuse-calibration {old}: walks {sorted(scales)} differ from "
                              f"{sorted(manifest['walks'])}")
-    return scales, {**meta, "reused_from": str(old)}
+    return scales, {**meta, "dtype": dtype, "reused_from": str(old)}
 
 
 def save_scales(path: Path, scales: Scales, meta: Mapping[str, Any]) -> None:
@@ -158,8 +173,9 @@ def load_scales(path: Path) -> tuple[Scales, dict[str, Any]]:
 
 
 def sensitivity_ranking(fp32: Mapping[str, onnx.ModelProto], scales: Scales,
-                        first: Mapping[str, Mapping[str, np.ndarray]]) -> list[tuple[str, str, float]]:
-    """(walk, node, cosine when only that node is FP8), most sensitive first, over all walks."""
+                        first: Mapping[str, Mapping[str, np.ndarray]], dtype: str = "fp8"
+                        ) -> list[tuple[str, str, float]]:
+    """(walk, node, cosine when only that node is `dtype`), most sensitive first, over all walks."""
     ranking = []
     for walk, model in fp32.items():
         feeds = {i.name: first[walk][i.name] for i in model.graph.input}
@@ -167,11 +183,12 @@ def sensitivity_ranking(fp32: Mapping[str, onnx.ModelProto], scales: Scales,
         want = dict(zip(names, _session(model).run(names, feeds), strict=True))
         act, weights = scales[walk]
         ranking += [(walk, node, cos) for node, cos in
-                    per_layer_sensitivity(model, act, weights, [feeds], [want])]
+                    per_layer_sensitivity(model, act, weights, [feeds], [want], dtype=dtype)]
     return sorted(ranking, key=lambda item: item[2])
 
 
-def _fewest_exclusions(attempt: Any, total: int, gate: float, ungated: dict[str, float]) -> tuple:
+def _fewest_exclusions(attempt: Any, total: int, gate: float, ungated: dict[str, float],
+                       dtype: str = "fp8") -> tuple:
     """Smallest n whose `attempt(n)` reaches the gate: double n until it holds, then bisect
     (assumes accuracy grows with n, true in practice as the ranking is most-sensitive first).
     The bundle is left quantised as the returned attempt."""
@@ -181,7 +198,7 @@ def _fewest_exclusions(attempt: Any, total: int, gate: float, ungated: dict[str,
         if result[2]["cosine"] >= gate:
             break
         if n >= total:
-            raise WalkforgeError(f"FP8 gate {gate} not reached (end-to-end cosine "
+            raise WalkforgeError(f"{dtype.upper()} gate {gate} not reached (end-to-end cosine "
                                  f"{result[2]['cosine']:.6f}, {ungated['cosine']:.6f} with no layer "
                                  "excluded) even with every quantisable node kept in fp32")
         failing, n = n, 2 * n
@@ -197,13 +214,13 @@ def _fewest_exclusions(attempt: Any, total: int, gate: float, ungated: dict[str,
 
 
 def _quantize_all(bundle: Bundle, fp32: Mapping[str, onnx.ModelProto], scales: Scales,
-                  excluded: Mapping[str, set[str]], user: tuple[str, ...]) -> dict[str, int]:
+                  excluded: Mapping[str, set[str]], user: tuple[str, ...], dtype: str) -> dict[str, int]:
     totals: dict[str, int] = {}
     for name, source in fp32.items():
         model = onnx.ModelProto()
         model.CopyFrom(source)
         act, weights = scales[name]
-        model, counts = run_pass("quantize_fp8", model, act, weights, exclude=set(user) | excluded[name])
+        model, counts = run_pass(f"quantize_{dtype}", model, act, weights, exclude=set(user) | excluded[name])
         save_model(model, bundle.path(bundle.manifest["walks"][name]["onnx"]))
         bundle.manifest["walks"][name]["ops"] = op_counts(model)
         add_counts(totals, counts)

@@ -1,4 +1,12 @@
-"""FP8 (E4M3) Q/DQ pass: the explicit quantisation TensorRT fuses into FP8 GEMMs and convs.
+"""The Q/DQ pass, FP8 (E4M3) or INT8: explicit quantisation of GEMMs and convs.
+
+One pass, parametrised by the quantised dtype (`QDTYPES`):
+
+- `fp8`: FLOAT8E4M3FN, saturating to ±448, what TensorRT fuses into FP8 GEMMs on Hopper/Ada;
+  onnxruntime's CPU provider only emulates it (dequantise, fp32 math).
+- `int8`: symmetric INT8 (zero points 0, round-to-nearest, ±127), what TensorRT runs on
+  Orin/Ampere and what onnxruntime's CPU provider fuses into integer kernels
+  (DQ → MatMul ⇒ MatMulIntegerToFloat, VNNI/AMX through MLAS), with QDQ fusion left on.
 
 For every MatMul/Gemm/Conv whose weight is an initializer (directly, or through the
 `Transpose` a Linear leaves with `optimize=False`) the pass rewrites
@@ -6,11 +14,11 @@ For every MatMul/Gemm/Conv whose weight is an initializer (directly, or through 
     x ──────────────────────────┐                x → Q(s_x) → DQ(s_x) ─┐
     W (fp32) ───────────────── MatMul    into    W8 (fp8) → DQ(s_w[c]) ─ MatMul
 
-Activations are per-tensor (scalar float32 scale); weights are stored as FLOAT8E4M3FN
-initializers (1 byte/element) quantised per output channel, saturating to ±448. Zero points
-are FLOAT8E4M3FN zeros: the Q output type comes from its zero point. The DQ outputs feed the
-GEMM directly, the placement TensorRT fuses on Hopper/Ada. onnxruntime on CPU runs this by
-dequantising (accuracy emulation only). It needs `session.disable_quant_qdq=1` and the
+Activations are per-tensor (scalar float32 scale); weights are stored as 1-byte initializers
+quantised per output channel. Zero points are zeros of the quantised type: the Q output type
+comes from its zero point. The DQ outputs feed the GEMM directly, the placement TensorRT fuses.
+onnxruntime on CPU runs fp8 by dequantising (accuracy emulation only): it needs
+`session.disable_quant_qdq=1` (graphs/ort.py sets it for every precision but int8) and the
 optimizers in `ORT_DISABLED_OPTIMIZERS` turned off (below).
 
 Skipped by default: GEMMs whose weight is an embedding table (a Gather's data, or its
@@ -39,6 +47,33 @@ log = logging.getLogger(__name__)
 
 FP8 = onnx.TensorProto.FLOAT8E4M3FN
 MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
+INT8_MAX = 127.0  # symmetric: [-127, 127], so -w and w quantise alike
+
+
+@dataclass(frozen=True)
+class QDType:
+    """A quantised dtype of the Q/DQ pass: ONNX and numpy types, the largest magnitude it holds,
+    and the opset its QuantizeLinear/DequantizeLinear need. `qdq_per_consumer`: an activation
+    read by several GEMMs gets a Q → DQ pair per GEMM (onnxruntime fuses a pair into an int8
+    GEMM only when it is that GEMM's alone; with one Q shared, none of them fuse)."""
+
+    name: str
+    onnx_type: int
+    numpy_type: type
+    max: float
+    min_opset: int
+    qdq_per_consumer: bool = False
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Already-scaled float32 values → this dtype (saturating; int8 rounds to nearest even)."""
+        x = np.clip(x, -self.max, self.max)
+        return (np.rint(x) if self.name == "int8" else x).astype(self.numpy_type)
+
+
+QDTYPES = {
+    "fp8": QDType("fp8", FP8, ml_dtypes.float8_e4m3fn, FP8_MAX, MIN_OPSET),
+    "int8": QDType("int8", onnx.TensorProto.INT8, np.int8, INT8_MAX, 13, qdq_per_consumer=True),
+}
 GEMM_OPS = ("MatMul", "Gemm", "Conv")
 NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
             "SimplifiedLayerNormalization", "SkipLayerNormalization")
@@ -92,13 +127,20 @@ def module_path(node: onnx.NodeProto) -> str:
     return ""
 
 
-def fp8_scales(amax: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:
-    """amax → FP8 E4M3 scale (amax / 448) in float32; zero amax gets a tiny positive scale."""
+def qdq_scales(amax: Mapping[str, float | np.ndarray], dtype: str = "fp8") -> dict[str, float | np.ndarray]:
+    """amax → scale (amax / 448 for fp8, amax / 127 for int8) in float32; zero amax gets a tiny
+    positive scale."""
+    top = np.float32(QDTYPES[dtype].max)
     out: dict[str, float | np.ndarray] = {}
     for name, value in amax.items():
-        arr = np.maximum(np.asarray(value, dtype=np.float32), np.float32(1e-12)) / np.float32(FP8_MAX)
+        arr = np.maximum(np.asarray(value, dtype=np.float32), np.float32(1e-12)) / top
         out[name] = float(arr) if arr.ndim == 0 else arr.astype(np.float32)
     return out
+
+
+def fp8_scales(amax: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:
+    """amax → FP8 E4M3 scale (amax / 448) in float32 (`qdq_scales` for fp8)."""
+    return qdq_scales(amax, "fp8")
 
 
 def weight_uses(model: onnx.ModelProto) -> list[WeightUse]:
@@ -137,7 +179,7 @@ def weight_uses(model: onnx.ModelProto) -> list[WeightUse]:
 
 def plan_fp8(model: onnx.ModelProto, exclude: Exclude = None,
              base_dir: str | Path | None = None) -> tuple[list[WeightUse], Counter]:
-    """Which weight uses `quantize_fp8` rewrites, and counts of the ones it skips (by reason)."""
+    """Which weight uses `quantize_qdq` rewrites (any dtype), and counts of the ones it skips (by reason)."""
     uses = weight_uses(model)
     excluded = _exclude_predicate(exclude)
     embeddings = _embedding_weights(model, uses, base_dir)
@@ -160,33 +202,54 @@ def plan_fp8(model: onnx.ModelProto, exclude: Exclude = None,
 def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
                  weight_scales: Mapping[str, np.ndarray], exclude: Exclude = None,
                  base_dir: str | Path | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Insert FP8 Q/DQ around every quantisable MatMul/Gemm/Conv; modifies and returns `model`.
+    """`quantize_qdq` with FP8 E4M3 (scales from `fp8_scales`)."""
+    return quantize_qdq(model, act_scales, weight_scales, exclude, base_dir, "fp8")
+
+
+def quantize_int8(model: onnx.ModelProto, act_scales: Mapping[str, float],
+                  weight_scales: Mapping[str, np.ndarray], exclude: Exclude = None,
+                  base_dir: str | Path | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """`quantize_qdq` with symmetric INT8 (scales from `qdq_scales(..., "int8")`)."""
+    return quantize_qdq(model, act_scales, weight_scales, exclude, base_dir, "int8")
+
+
+def quantize_qdq(model: onnx.ModelProto, act_scales: Mapping[str, float],
+                 weight_scales: Mapping[str, np.ndarray], exclude: Exclude = None,
+                 base_dir: str | Path | None = None, dtype: str = "fp8"
+                 ) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Insert `dtype` Q/DQ around every quantisable MatMul/Gemm/Conv; modifies and returns `model`.
 
     `act_scales` maps an activation tensor name to its per-tensor scale, `weight_scales` a
-    weight initializer name to its per-output-channel scales (see `fp8_scales`). `exclude` is
+    weight initializer name to its per-output-channel scales (see `qdq_scales`). `exclude` is
     a set of node names or torch module paths ("head"), or a predicate on the node. `base_dir`
     locates external weight data not loaded into `model`. Returns counts: quantized_matmul/
-    gemm/conv, qdq_pairs (activation Q→DQ pairs), weights_fp8, skipped_first_last/embedding/
-    excluded/norms.
+    gemm/conv, qdq_pairs (activation Q→DQ pairs), weights_<dtype>, skipped_first_last/
+    embedding/excluded/norms.
     """
+    qd = QDTYPES[dtype]
     uses, counts = plan_fp8(model, exclude, base_dir)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     before: dict[int, list[onnx.NodeProto]] = {}  # id(consumer) → nodes to insert before it
-    act_dq: dict[str, str] = {}
+    act_dq: dict[str, onnx.NodeProto] = {}  # activation → its (first) DequantizeLinear
     weight_dq: dict[str, str] = {}
     fresh = _Names(graph)
-    zero = fresh("fp8_zero")
-    new_inits = [numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), zero)] if uses else []
+    zero = fresh(f"{dtype}_zero")
+    new_inits = [numpy_helper.from_array(np.zeros((), qd.numpy_type), zero)] if uses else []
     for use in uses:
         inserted = before.setdefault(id(use.node), [])
         if use.activation not in act_dq:
-            act_dq[use.activation] = _quantize_activation(fresh, use, act_scales, zero, inserted, new_inits)
+            act_dq[use.activation] = _quantize_activation(fresh, use, act_scales, zero, inserted,
+                                                          new_inits, dtype)
+        elif qd.qdq_per_consumer:  # onnxruntime fuses a DQ into a GEMM only if it is its sole reader
+            use.node.input[0] = _qdq_copy(fresh, use.activation, act_dq[use.activation], inserted)
+            counts["qdq_copies"] += 1
         key = f"{use.weight}|{use.transpose is not None}"
         if key not in weight_dq:
             weight_dq[key] = _quantize_weight(fresh, use, inits[use.weight], weight_scales, base_dir,
-                                              inserted, new_inits)
-        use.node.input[0] = act_dq[use.activation]
+                                              inserted, new_inits, qd)
+        if use.node.input[0] == use.activation:
+            use.node.input[0] = act_dq[use.activation].output[0]
         use.node.input[1] = weight_dq[key]
         counts[f"quantized_{use.node.op_type.lower()}"] += 1
     nodes = [new for node in graph.node for new in (*before.get(id(node), []), node)]
@@ -194,14 +257,15 @@ def quantize_fp8(model: onnx.ModelProto, act_scales: Mapping[str, float],
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
     _drop_unused(graph, {u.weight for u in uses}, {u.transpose.output[0] for u in uses if u.transpose})
-    _ensure_opset(model)
+    _ensure_opset(model, qd.min_opset)
     counts["qdq_pairs"] = len(act_dq)
-    counts["weights_fp8"] = len(weight_dq)
+    counts[f"weights_{dtype}"] = len(weight_dq)
     counts["skipped_norms"] = count_norms(model)
     result = {k: counts.get(k, 0) for k in (
-        "quantized_matmul", "quantized_gemm", "quantized_conv", "qdq_pairs", "weights_fp8",
-        "skipped_first_last", "skipped_embedding", "skipped_excluded", "skipped_norms")}
-    log.info("fp8: %s", result)
+        "quantized_matmul", "quantized_gemm", "quantized_conv", "qdq_pairs", f"weights_{dtype}",
+        *(("qdq_copies",) if qd.qdq_per_consumer else ()), "skipped_first_last", "skipped_embedding",
+        "skipped_excluded", "skipped_norms")}
+    log.info("%s: %s", dtype, result)
     return model, result
 
 
@@ -215,39 +279,47 @@ def count_norms(model: onnx.ModelProto) -> int:
 
 
 def _quantize_activation(fresh: _Names, use: WeightUse, act_scales: Mapping[str, float],
-                         zero: str, inserted: list, new_inits: list) -> str:
+                         zero: str, inserted: list, new_inits: list, dtype: str) -> onnx.NodeProto:
     if use.activation not in act_scales:
-        raise WalkforgeError(f"fp8: no activation scale for '{use.activation}' (input of node "
+        raise WalkforgeError(f"{dtype}: no activation scale for '{use.activation}' (input of node "
                              f"'{use.name}'); calibration does not match this graph")
-    scale = fresh(f"{use.activation}_fp8_scale")
-    q, dq = fresh(f"{use.activation}_fp8"), fresh(f"{use.activation}_fp8_dq")
+    scale = fresh(f"{use.activation}_{dtype}_scale")
+    q, dq = fresh(f"{use.activation}_{dtype}"), fresh(f"{use.activation}_{dtype}_dq")
     new_inits.append(numpy_helper.from_array(np.array(act_scales[use.activation], np.float32), scale))
     inserted += [
         onnx.helper.make_node("QuantizeLinear", [use.activation, scale, zero], [q], name=fresh(q + "_q")),
         onnx.helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=dq),
     ]
-    return dq
+    return inserted[-1]
+
+
+def _qdq_copy(fresh: _Names, activation: str, dq: onnx.NodeProto, inserted: list) -> str:
+    """Another Q → DQ of `activation` with `dq`'s scale and zero point, for one more consumer."""
+    q, out = fresh(dq.input[0]), fresh(dq.output[0])
+    inserted += [onnx.helper.make_node("QuantizeLinear", [activation, *dq.input[1:]], [q], name=q),
+                 onnx.helper.make_node("DequantizeLinear", [q, *dq.input[1:]], [out], name=out)]
+    return out
 
 
 def _quantize_weight(fresh: _Names, use: WeightUse, tensor: onnx.TensorProto,
                      weight_scales: Mapping[str, np.ndarray], base_dir: str | Path | None,
-                     inserted: list, new_inits: list) -> str:
+                     inserted: list, new_inits: list, qd: QDType) -> str:
     w = read_tensor(tensor, base_dir).astype(np.float32)
     scale = np.asarray(weight_scales.get(use.weight, ()), np.float32).ravel()
     if scale.shape != (w.shape[use.axis],):
-        raise WalkforgeError(f"fp8: weight '{use.weight}' {list(w.shape)} needs {w.shape[use.axis]} "
+        raise WalkforgeError(f"{qd.name}: weight '{use.weight}' {list(w.shape)} needs {w.shape[use.axis]} "
                              f"channel scales (axis {use.axis}), got {list(scale.shape)}")
     if use.transpose is not None:
         w = w.T  # fold the Linear's Transpose: store the layout the node consumes
     axis = use.node_axis
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(w / scale.reshape(shape), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    q = qd.quantize(w / scale.reshape(shape))
     scope = module_path(use.node)  # optimize=True renames folded weights to val_N
     base = f"{scope}.weight" if scope else use.weight + ("_t" if use.transpose is not None else "")
-    names = [fresh(f"{base}_fp8{s}") for s in ("", "_scale", "_zero", "_dq")]
+    names = [fresh(f"{base}_{qd.name}{s}") for s in ("", "_scale", "_zero", "_dq")]
     new_inits += [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
-                  numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), names[2])]
+                  numpy_helper.from_array(np.zeros(scale.shape, qd.numpy_type), names[2])]
     inserted.append(onnx.helper.make_node("DequantizeLinear", names[:3], [names[3]], name=names[3],
                                           axis=axis))
     return names[3]
@@ -329,9 +401,9 @@ class _Names:
         return candidate
 
 
-def _ensure_opset(model: onnx.ModelProto) -> None:
+def _ensure_opset(model: onnx.ModelProto, opset: int = MIN_OPSET) -> None:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
-            entry.version = max(entry.version, MIN_OPSET)
+            entry.version = max(entry.version, opset)
             return
-    model.opset_import.append(onnx.helper.make_opsetid("", MIN_OPSET))
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))

@@ -10,7 +10,8 @@ Checks (table: graphs.trt_ops, TensorRT 10.15's operators.md):
   op_type that is not a standard ONNX op name (the parser matches built-ins by op_type and
   ignores the domain);
 - model-local functions exist only for walkforge ops (the parser inlines functions by op_type);
-- FP8 Q/DQ: zero points absent or all zero, FLOAT8E4M3FN; a DequantizeLinear feeds
+- FP8 and INT8 Q/DQ: zero points absent or all zero, FLOAT8E4M3FN or INT8 (INT4 is
+  TensorRT's but not a walkforge precision: a warning); a DequantizeLinear feeds
   MatMul/Gemm/Conv directly or through a Transpose of a weight, otherwise TensorRT runs it
   unfused (a warning).
 
@@ -37,6 +38,7 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 INT32_MAX = 2**31 - 1
 FP8 = TensorProto.FLOAT8E4M3FN
 QDQ_TYPES_OK = {FP8, TensorProto.INT8, TensorProto.INT4}
+WALKFORGE_QDQ_TYPES = {FP8, TensorProto.INT8}  # --precision fp8 (Hopper/Ada) and int8 (Orin, Ampere)
 IO_TYPES_REFUSED = {TensorProto.STRING, TensorProto.INT16, TensorProto.UINT16, TensorProto.UINT32,
                     TensorProto.UINT64, TensorProto.COMPLEX64, TensorProto.COMPLEX128}  # fmt: skip
 
@@ -270,9 +272,9 @@ def _zero_point(node: onnx.NodeProto, graph: _Graph) -> list[tuple[str, str]]:
     if tensor.data_type not in QDQ_TYPES_OK:
         kind = TensorProto.DataType.Name(tensor.data_type)
         found.append((ERROR, f"quantized type {kind} is not one TensorRT supports (FP8 E4M3FN, INT8, INT4)"))
-    elif tensor.data_type != FP8:
+    elif tensor.data_type not in WALKFORGE_QDQ_TYPES:
         kind = TensorProto.DataType.Name(tensor.data_type)
-        found.append((WARNING, f"quantized type {kind}; walkforge's precision is FLOAT8E4M3FN"))
+        found.append((WARNING, f"quantized type {kind}; walkforge's precisions are FLOAT8E4M3FN and INT8"))
     try:
         values = numpy_helper.to_array(tensor, graph.base_dir).astype(np.float32)
     except (ValueError, TypeError):  # a type numpy_helper cannot convert: reported above

@@ -14,6 +14,7 @@ from walkforge.recipes.recipe import Recipe
 RECIPES = {
     "vae": "walkforge.recipes.vae",
     "pi0": "walkforge.recipes.pi0",
+    "pi05": "walkforge.recipes.pi05",
 }
 
 __all__ = ["RECIPES", "Recipe", "get_recipe"]

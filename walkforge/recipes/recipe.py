@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,11 @@ def no_kernels(cfg: Any) -> dict[str, int]:
     return {}
 
 
+def no_dims(cfg: Any) -> dict[str, tuple[int, int, int]]:
+    """`trt_dims` of a recipe whose only symbolic dims are batch and the KV pages."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One model family.
@@ -39,11 +44,12 @@ class Recipe:
     build           cfg → torch module with default init (the caller seeds it or loads weights)
     walks           (model, cfg, kv_dtype=...) → Sequential: the graph walks with example inputs
     key_map         checkpoint keys → module keys, for `load_strict`
-    read_checkpoint native checkpoint folder → (cfg, tensors)
+    read_checkpoint (native checkpoint folder, --config overrides) → (cfg, tensors); the overrides
+                    are applied before any size is inferred from shapes, and win
     fake_inputs     (cfg, batch, seed, **dims) → valid run-time inputs of the front
     front           the runtime front's name (the runtime resolves it; it never imports recipes)
     precisions      what `walkforge regress` compiles the tiny variant at
-    trt_dims        TensorRT (min, opt, max) of symbolic dims other than batch and the KV pages
+    trt_dims        cfg → TensorRT (min, opt, max) of symbolic dims other than batch and the KV pages
     kernel_shapes   cfg → what the plugin kernels are specialised to when compiled ahead of time
     """
 
@@ -53,11 +59,11 @@ class Recipe:
     build: Callable[[Any], nn.Module]
     walks: Callable[..., Sequential]
     key_map: KeyMap
-    read_checkpoint: Callable[[Path], tuple[Any, dict[str, torch.Tensor]]]
+    read_checkpoint: Callable[[Path, Mapping[str, Any]], tuple[Any, dict[str, torch.Tensor]]]
     fake_inputs: Callable[..., dict[str, np.ndarray]]
     front: str
     precisions: tuple[str, ...] = ("fp32",)
-    trt_dims: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    trt_dims: Callable[[Any], Mapping[str, tuple[int, int, int]]] = no_dims
     kernel_shapes: Callable[[Any], dict[str, int]] = no_kernels
 
     def __post_init__(self) -> None:
@@ -70,10 +76,11 @@ class Recipe:
                 raise TypeError(f"recipe '{self.name}': variant '{key}' is not a {self.config.__name__}")
         if not self.precisions:
             raise TypeError(f"recipe '{self.name}': precisions must not be empty")
-        for dim, (lo, opt, hi) in self.trt_dims.items():
-            if not 1 <= lo <= opt <= hi:
-                raise TypeError(f"recipe '{self.name}': trt_dims['{dim}'] = {(lo, opt, hi)} is not "
-                                "1 ≤ min ≤ opt ≤ max")
+        for key, cfg in self.variants.items():
+            for dim, (lo, opt, hi) in self.trt_dims(cfg).items():
+                if not 1 <= lo <= opt <= hi:
+                    raise TypeError(f"recipe '{self.name}': trt_dims['{dim}'] of '{key}' = {(lo, opt, hi)} "
+                                    "is not 1 ≤ min ≤ opt ≤ max")
 
     def variant(self, name: str) -> Any:
         """The named config; an unknown name is a user error with a did-you-mean."""

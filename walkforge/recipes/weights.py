@@ -9,6 +9,7 @@ tensor or fails: each one maps to a module parameter of the same shape, or match
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -61,6 +62,52 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                     tensors[key] = fh.get_tensor(key)
         except Exception as exc:  # safetensors raises its own types for corrupt headers
             raise WalkforgeError(f"{f}: not a readable safetensors file ({exc})") from None
+    return tensors
+
+
+class CheckpointRead(tuple):
+    """What a recipe's `read_checkpoint` may return instead of a plain `(cfg, tensors)` pair: the
+    same pair (it unpacks as one) plus `manifest`, entries the compiler adds to the bundle's
+    manifest as they are (vae: the checkpoint's scaling factors)."""
+
+    manifest: dict
+
+    def __new__(cls, cfg: object, tensors: dict[str, torch.Tensor], manifest: dict) -> CheckpointRead:
+        read = super().__new__(cls, (cfg, tensors))
+        read.manifest = manifest
+        return read
+
+
+def read_weights(folder: Path, stem: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights named `stem` in `folder`, as diffusers' `from_pretrained(variant=...)` picks
+    them: `<stem>[.<variant>].safetensors`, or its shards through
+    `<stem>[.<variant>].safetensors.index.json`. Other safetensors files are not read."""
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    single, index = Path(folder) / name, Path(folder) / f"{name}.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        return read_safetensors_shards(index)
+    others = sorted(f.name for f in Path(folder).glob(f"{stem}*.safetensors*"))
+    raise WalkforgeError(f"{folder}: no {name} (nor {index.name})"
+                         + (f"; found {', '.join(others)}" if others else ""))
+
+
+def read_safetensors_shards(index: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a sharded checkpoint: `weight_map` of `index` (key → shard file) must name
+    every tensor of every shard it lists, and each tensor once."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise WalkforgeError(f"{index}: not a safetensors index ({exc!r})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = read_safetensors(index.parent / shard)
+        listed = {k for k, v in weight_map.items() if v == shard}
+        if set(part) != listed:
+            diff = sorted(set(part) ^ listed)
+            raise WalkforgeError(f"{index}: shard {shard} and its weight_map disagree on {diff[:3]}")
+        tensors |= part
     return tensors
 
 

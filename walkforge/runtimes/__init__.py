@@ -15,16 +15,21 @@ __all__ = ["load", "ort_array", "to_numpy", "walk_engine"]
 
 
 def load(bundle: Any, backend: str = "cpu", threads: int | None = None, spinning: bool = True,
-         **options: Any) -> Any:
+         digest: str | None = None, **options: Any) -> Any:
     """Open `bundle` (a path, hashes checked, or an open Bundle) and return its front on `backend`.
 
+    `digest` pins the bundle: one whose manifest sha256 differs is refused, naming both digests.
     `options` go to the front (every front with a page pool: `kv_pages`, its size in pages).
     """
-    from walkforge.artifacts.bundle import Bundle
+    from walkforge.artifacts.bundle import MANIFEST, Bundle, check_digest
+    from walkforge.artifacts.schema import check_schema
+    from walkforge.runtimes.chain import SCHEDULES
     from walkforge.runtimes.fronts import front_class
 
     if not isinstance(bundle, Bundle):
-        bundle = Bundle.open(bundle)
+        bundle = Bundle.open(bundle, digest=digest)
+    check_digest(bundle, digest)
+    check_schema(bundle.manifest, str(bundle.root / MANIFEST), schedules=SCHEDULES)
     return front_class(bundle.manifest)(bundle, backend, threads, spinning, **options)
 
 

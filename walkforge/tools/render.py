@@ -29,7 +29,9 @@ def show_manifest(console: Console, m: dict[str, Any]) -> None:
         e2e = calib["end_to_end"]
         source = f"reused from {calib['reused_from']}" if "reused_from" in calib else \
             f"{calib['method']}, {calib['samples']} samples"
-        console.print(escape(f"  calibration: {source}; fp8 vs fp32 end-to-end cosine {e2e['cosine']:.6f}; "
+        dtype = calib.get("dtype", "fp8")
+        console.print(escape(f"  calibration: {source}; {dtype} vs fp32 end-to-end cosine "
+                             f"{e2e['cosine']:.6f}; "
                              f"kept in fp32: {', '.join(calib['gate']['excluded']) or 'defaults only'}"))
     if "fp8" in p["weights"] or "fp8" in p["kv"]:
         console.print("  [yellow]note:[/yellow] on the cpu target FP8 is accuracy emulation "
@@ -68,13 +70,15 @@ def show_verify(console: Console, result: dict[str, Any]) -> None:
 
 def show_bench(console: Console, report: dict[str, Any]) -> None:
     console.print(f"{report['machine']}, batch {report['batch']}")
-    table = Table("backend", "walk", "median ms", "p90 ms", "calls", "× torch")
-    ratios = report.get("ratio_vs_torch", {})
+    from walkforge.tools.bench import REFERENCES, ratio_key
+
+    refs = [r for r in REFERENCES if ratio_key(r) in report] or ["torch"]
+    table = Table("backend", "walk", "median ms", "p90 ms", "calls", *(f"× {r}" for r in refs))
     for backend, r in report["results"].items():
         rows = [*r["walks"].items(), ("end to end", r["end_to_end"])]
         for walk, s in rows:
             key = "end_to_end" if walk == "end to end" else walk
-            ratio = ratios.get(backend, {}).get(key)
+            ratios = [report.get(ratio_key(ref), {}).get(backend, {}).get(key) for ref in refs]
             table.add_row(backend, walk, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", str(s["n"]),
-                          f"{ratio:.2f}" if ratio is not None else "ref")
+                          *(f"{x:.2f}" if x is not None else "ref" for x in ratios))
     console.print(table)

@@ -11,6 +11,11 @@ or a cached prefix followed by its own tokens):
     out = attend(q, k_all, v_all, mask)        # the one attention function
     x = layer_finish(layer, x, out)            # o_proj + residual, MLP + residual
 
+adaRMS (pi0.5's action expert, `GemmaConfig.cond_dim` > 0): every norm, the final one too, is
+conditioned on a vector `cond` [B, cond_dim] passed to `layer_qkv` / `layer_finish` / the norm:
+(scale, shift, gate) = split(dense(cond), 3), y = rmsnorm(x)·(1 + scale) + shift, and each residual
+adds sublayer(y)·gate. Without `cond` the code path is the plain Gemma one, unchanged.
+
 Everything here is export-friendly: no Python branches on tensor values, no buffers (RoPE
 tables are computed from positions), so modules built on the meta device trace as well.
 """
@@ -31,7 +36,8 @@ MASK_FILL = -2.3819763e38
 
 @dataclass(frozen=True)
 class GemmaConfig:
-    """Sizes of a Gemma stack. `vocab = 0` builds no token embedding (an action expert)."""
+    """Sizes of a Gemma stack. `vocab = 0` builds no token embedding (an action expert);
+    `cond_dim` > 0 makes every norm adaRMS, conditioned on a [B, cond_dim] vector (pi0.5)."""
 
     width: int
     layers: int
@@ -42,20 +48,41 @@ class GemmaConfig:
     vocab: int = 0
     eps: float = 1e-6
     rope_base: float = 10000.0
+    cond_dim: int = 0
 
 
 class RMSNorm(nn.Module):
-    """Gemma RMSNorm: x / rms(x) * (1 + w), computed in fp32 and cast back."""
+    """Gemma RMSNorm: x / rms(x) * (1 + w), computed in fp32 and cast back.
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    With `cond_dim` > 0 it is adaRMS: no `weight` but `dense` (cond_dim → 3·dim), and
+    y = x / rms(x) * (1 + scale) + shift with (scale, shift, gate) = split(dense(cond), 3).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, cond_dim: int = 0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        if cond_dim > 0:
+            self.dense = nn.Linear(cond_dim, 3 * dim)
+        else:
+            self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        if cond is None:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        scale, shift, _ = self.modulation(cond)
+        return (h * (1.0 + scale.float()) + shift.float()).type_as(x)
+
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """adaRMS (scale, shift, gate), each [B, 1, dim], from cond [B, cond_dim]. (Static slices,
+        not `chunk`: that exports as a SplitToSequence, which TensorRT does not take.)"""
+        m, d = self.dense(cond)[:, None], self.dense.out_features // 3
+        return m[..., :d], m[..., d : 2 * d], m[..., 2 * d :]
+
+    def gated(self, y: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """A sublayer's output y [B, S, dim] as its residual adds it: y·gate under adaRMS, else y."""
+        return y if cond is None else y * self.modulation(cond)[2]
 
 
 class GemmaAttention(nn.Module):
@@ -88,8 +115,8 @@ class GemmaLayer(nn.Module):
         self.cfg = cfg
         self.self_attn = GemmaAttention(cfg)
         self.mlp = GemmaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.width, cfg.eps)
-        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.eps)
+        self.input_layernorm = RMSNorm(cfg.width, cfg.eps, cfg.cond_dim)
+        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.eps, cfg.cond_dim)
 
 
 class Gemma(nn.Module):
@@ -101,7 +128,7 @@ class Gemma(nn.Module):
         if cfg.vocab > 0:
             self.embed_tokens = nn.Embedding(cfg.vocab, cfg.width)
         self.layers = nn.ModuleList(GemmaLayer(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.width, cfg.eps)
+        self.norm = RMSNorm(cfg.width, cfg.eps, cfg.cond_dim)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings scaled by sqrt(width), as Gemma does. ids: [B, S] → [B, S, D]."""
@@ -137,14 +164,15 @@ def _heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], n, head_dim).transpose(1, 2)
 
 
-def layer_qkv(layer: GemmaLayer, x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_qkv(layer: GemmaLayer, x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor],
+              cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pre-norm and project x [B, S, D] to q [B, H, S, Dh], k and v [B, KVH, S, Dh].
 
     RoPE (from `rope(positions, …)`) is applied to q and k; k is what a KV cache stores.
+    `cond` [B, cond_dim]: the adaRMS conditioning of a `cond_dim` > 0 stack.
     """
     cfg, attn = layer.cfg, layer.self_attn
-    h = layer.input_layernorm(x)
+    h = layer.input_layernorm(x, cond)
     q = apply_rope(_heads(attn.q_proj(h), cfg.heads, cfg.head_dim), table)
     k = apply_rope(_heads(attn.k_proj(h), cfg.kv_heads, cfg.head_dim), table)
     v = _heads(attn.v_proj(h), cfg.kv_heads, cfg.head_dim)
@@ -168,16 +196,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2).reshape(b, sq, heads * dh)
 
 
-def layer_finish(layer: GemmaLayer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """Residual after attention (o_proj), then pre-norm gated MLP with residual. [B, S, D]."""
-    x = x + layer.self_attn.o_proj(attn_out)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+def layer_finish(layer: GemmaLayer, x: torch.Tensor, attn_out: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Residual after attention (o_proj), then pre-norm gated MLP with residual. [B, S, D].
+
+    Under adaRMS (`cond` given) each residual adds its sublayer's output times its norm's gate.
+    """
+    pre, post = layer.input_layernorm, layer.post_attention_layernorm
+    x = x + pre.gated(layer.self_attn.o_proj(attn_out), cond)
+    return x + post.gated(layer.mlp(post(x, cond)), cond)
 
 
-def run_stack(model: Gemma, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Plain (uncached) pass: x [B, S, D], positions [B, S], mask bool [B, 1, S, S] → norm(out)."""
+def run_stack(model: Gemma, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+              cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain (uncached) pass: x [B, S, D], positions [B, S], mask bool [B, 1, S, S] → norm(out).
+    `cond` [B, cond_dim] conditions an adaRMS stack (its final norm's gate is unused)."""
     table = rope(positions, model.cfg.head_dim, model.cfg.rope_base)
     for layer in model.layers:
-        q, k, v = layer_qkv(layer, x, table)
-        x = layer_finish(layer, x, attend(q, k, v, mask))
-    return model.norm(x)
+        q, k, v = layer_qkv(layer, x, table, cond)
+        x = layer_finish(layer, x, attend(q, k, v, mask), cond)
+    return model.norm(x, cond)

@@ -21,7 +21,9 @@ RECIPE = Recipe(
     read_checkpoint=checkpoint.read_checkpoint,
     fake_inputs=walks.fake_inputs,
     front="pi0",
-    precisions=("fp32", "fp8"),
-    trt_dims={},  # batch and the KV pages only
+    precisions=("fp32", "fp8", "int8"),
+    # TensorRT ranges of the dims besides batch and the KV pages: cameras (≤ num_views, 256 tokens
+    # each at 224 px) and prompt tokens (≤ max_prompt_len) are dynamic, the front compacts them
+    trt_dims=walks.trt_dims,
     kernel_shapes=walks.kernel_shapes,
 )

@@ -5,6 +5,11 @@ A request is three walks:
     vision   images [B, V, 3, 224, 224] in [0, 1]  → image tokens [B, V·256, D_llm]
     prefill  image tokens + prompt                 → per-layer prefix K/V (the KV cache)
     denoise  x_t, t, state + the cache             → x_{t+dt}, run num_steps times (Euler)
+
+The camera count V ("views", up to the compiled `num_views`) and the prompt length ("prompt_len",
+up to `max_prompt_len`) are dynamic: the front hands vision only the cameras some request uses
+and prefill only the prompt columns some request fills (a compacted prefix), so masked cameras
+and prompt padding cost nothing.
 """
 
 from __future__ import annotations
@@ -84,19 +89,20 @@ class DenoiseWalk(_Walk):
 
 
 def walks(model: Pi0Model, cfg: Pi0Config, kv_dtype: str = "float32") -> Sequential:
-    """vision → prefill → Loop(denoise, num_steps): contracts with a dynamic "batch".
+    """vision → prefill → Loop(denoise, num_steps): contracts with a dynamic "batch", "views"
+    (≤ cfg.num_views cameras) and "prompt_len" (≤ cfg.max_prompt_len).
 
     `kv_dtype` is the page pool's: "float32" or "float8_e4m3fn" (stored with the per-layer
     `kv_scales` [L, 2] that prefill and denoise take; a float32 pool ignores them).
     """
-    b, v, s = "batch", cfg.num_views, cfg.vision.image_size
+    b, s = "batch", cfg.vision.image_size
     pool = (cfg.llm.layers, 2, "num_pages", PAGE_SIZE, cfg.llm.kv_heads, cfg.llm.head_dim)
     spec = {x.name: x for x in (
-        TensorSpec("images", "float32", (b, v, 3, s, s)),
-        TensorSpec("image_tokens", "float32", (b, v * cfg.vision.tokens, cfg.llm.width)),
-        TensorSpec("image_masks", "bool", (b, v)),
-        TensorSpec("prompt_ids", "int64", (b, cfg.max_prompt_len)),
-        TensorSpec("prompt_mask", "bool", (b, cfg.max_prompt_len)),
+        TensorSpec("images", "float32", (b, "views", 3, s, s)),
+        TensorSpec("image_tokens", "float32", (b, "image_tokens", cfg.llm.width)),  # views · 256
+        TensorSpec("image_masks", "bool", (b, "views")),
+        TensorSpec("prompt_ids", "int64", (b, "prompt_len")),
+        TensorSpec("prompt_mask", "bool", (b, "prompt_len")),
         TensorSpec("kv_pool", kv_dtype, pool), TensorSpec("kv_pool_out", kv_dtype, pool),
         TensorSpec("kv_scales", "float32", (cfg.llm.layers, 2)),
         TensorSpec("block_table", "int64", (b, "max_pages")), TensorSpec("prefix_lens", "int64", (b,)),
@@ -138,6 +144,8 @@ def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.d
     given["t"] = torch.full((2,), 0.7)
     given["dt"] = torch.full((1,), -1.0 / cfg.num_steps)
     gen = torch.Generator().manual_seed(0)
+    given["image_tokens"] = torch.randn(2, cfg.num_views * cfg.vision.tokens, cfg.llm.width,
+                                        generator=gen)  # all views: its dim is dynamic
     out = {}
     for name, s in spec.items():
         if name == "kv_pool_out":
@@ -145,6 +153,14 @@ def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.d
         shape = tuple(2 if isinstance(d, str) else d for d in s.shape)
         out[name] = (given[name] if name in given else torch.randn(shape, generator=gen)).to(device)
     return out
+
+
+def trt_dims(cfg: Pi0Config) -> dict[str, tuple[int, int, int]]:
+    """TensorRT (min, opt, max) of the compacted prefix's dims: 1 camera up to the compiled count,
+    its image tokens, 1 prompt token up to the compiled maximum (opt: a full request)."""
+    views, tokens, prompt = cfg.num_views, cfg.vision.tokens, cfg.max_prompt_len
+    return {"views": (1, views, views), "image_tokens": (tokens, views * tokens, views * tokens),
+            "prompt_len": (1, prompt, prompt)}
 
 
 def kernel_shapes(cfg: Pi0Config) -> dict[str, int]:

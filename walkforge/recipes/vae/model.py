@@ -1,16 +1,24 @@
-"""The VAE decoder module: the shared AutoencoderKL decoder block, shaped by a VaeConfig."""
+"""The VAE module: the shared AutoencoderKL block, shaped by a VaeConfig."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from walkforge.recipes.blocks.autoencoder import AutoencoderKLDecoder
+from walkforge.errors import WalkforgeError
+from walkforge.recipes.blocks.autoencoder import AutoencoderKL
 from walkforge.recipes.vae.config import VaeConfig
 
+WALKS = ("decode", "encode")
 
-def build(cfg: VaeConfig) -> nn.Module:
-    """The decoder (with post_quant_conv when configured); forward(latents) -> sample."""
-    return AutoencoderKLDecoder(
+
+def build(cfg: VaeConfig, walks: tuple[str, ...] = ("decode",)) -> nn.Module:
+    """The decoder (with post_quant_conv when configured), forward(latents) -> sample; with
+    "encode" in `walks` also the encoder (and quant_conv), `encode(images) -> (mean, std)`."""
+    unknown = sorted(set(walks) - set(WALKS))
+    if unknown or "decode" not in walks:
+        raise WalkforgeError(f"--walks: the vae recipe compiles decode and optionally encode, got "
+                             f"{','.join(walks)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return AutoencoderKL(
         latent_channels=cfg.latent_channels,
         out_channels=cfg.out_channels,
         block_out_channels=cfg.block_out_channels,
@@ -18,4 +26,5 @@ def build(cfg: VaeConfig) -> nn.Module:
         norm_num_groups=cfg.norm_num_groups,
         mid_attention=cfg.mid_block_add_attention,
         post_quant_conv=cfg.use_post_quant_conv,
+        encoder="encode" in walks,
     )

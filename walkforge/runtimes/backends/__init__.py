@@ -5,6 +5,7 @@
     torch-cuda  the recipe's modules on a CUDA device in bf16, Triton kernels, CUDA-graph loops
     cpu         onnxruntime CPUExecutionProvider on the bundle's ONNX; always available
     torch       the recipe's torch modules on CPU in fp32: the reference (never chosen by auto)
+    torch-bf16  the same under CPU bf16 autocast: what a torch user on an AMX CPU runs (never auto)
 
 Each backend is one package exporting `NAME`, `AUTO` (whether `auto` may pick it), `probe()`
 (what this machine lacks, "" when it can run; builds nothing: no TensorRT object, no onnxruntime
@@ -33,6 +34,7 @@ REGISTRY = {  # in `auto`'s order of preference
     "torch-cuda": "walkforge.runtimes.backends.torch_cuda",
     "cpu": "walkforge.runtimes.backends.cpu",
     "torch": "walkforge.runtimes.backends.torch",
+    "torch-bf16": "walkforge.runtimes.backends.torch_bf16",
 }
 BACKENDS = tuple(REGISTRY)
 CHOICES = (*BACKENDS, "auto")

@@ -15,6 +15,7 @@ from walkforge.errors import WalkforgeError
 
 FRONTS = {
     "pi0": "walkforge.runtimes.fronts.pi0:Pi0Policy",
+    "pi05": "walkforge.runtimes.fronts.pi05:Pi05Policy",
     "vae": "walkforge.runtimes.fronts.vae:VaeDecoder",
 }
 

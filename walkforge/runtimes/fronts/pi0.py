@@ -4,6 +4,12 @@ The chain owns the KV pages (runtimes/chain.py): each call gets pages for every 
 prefix tokens, prefill writes them in place, each denoise step reads them through
 PagedAttention, and the pages are freed when the call returns. This front only checks inputs,
 pads prompts, draws the start noise and says how many prefix tokens each request has.
+
+Masked cameras cost nothing (bundles whose walks take a dynamic camera count): `compact` moves
+each request's valid cameras to the front, in order, and drops the camera slots and prompt
+columns no request uses, so vision encodes only cameras some request has and prefill runs only
+over the valid prefix. The valid tokens keep their order, hence their RoPE positions (which
+count valid tokens) and what they attend to: the actions are the same.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ class Pi0Policy(Runner):
 
     @property
     def num_views(self) -> int:
-        return int(self.specs("vision")[0].shape[1])
+        return int(self.manifest["config"]["num_views"])
 
     @property
     def max_prompt_len(self) -> int:
-        return int(self.spec("prefill", "prompt_ids").shape[1])
+        return int(self.manifest["config"]["max_prompt_len"])
+
+    @property
+    def compacts(self) -> bool:
+        """Whether vision takes a dynamic camera count (bundles compiled before it: a fixed one)."""
+        return isinstance(self.specs("vision")[0].shape[1], str)
 
     def infer(self, images: np.ndarray, image_masks: np.ndarray, prompt_ids: np.ndarray,
               prompt_mask: np.ndarray, state: np.ndarray, noise: np.ndarray | None = None,
@@ -45,6 +56,8 @@ class Pi0Policy(Runner):
         prompt_ids, prompt_mask = self._pad_prompt(np.asarray(prompt_ids), np.asarray(prompt_mask))
         feeds = {"images": images, "image_masks": image_masks, "prompt_ids": prompt_ids,
                  "prompt_mask": prompt_mask, "state": np.asarray(state)}
+        if self.compacts:
+            feeds |= compact(images, image_masks, prompt_ids, prompt_mask)
         if noise is None:
             shape = (images.shape[0], *self.spec("denoise", "x_t").shape[1:])
             noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -56,7 +69,8 @@ class Pi0Policy(Runner):
 
     def _prefix_tokens(self, feeds: Mapping[str, np.ndarray]) -> list[int]:
         """Valid prefix tokens per request: its unmasked cameras' image tokens, then its prompt."""
-        tokens_per_view = int(self.specs("prefill")[0].shape[1]) // self.num_views
+        vision = self.manifest["config"]["vision"]
+        tokens_per_view = (vision["image_size"] // vision["patch"]) ** 2
         valid = feeds["image_masks"].sum(1) * tokens_per_view + feeds["prompt_mask"].sum(1)
         return [int(n) for n in valid]
 
@@ -96,3 +110,17 @@ class Pi0Policy(Runner):
         ids = feeds["prompt_ids"]
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise WalkforgeError(f"prompt_ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+
+
+def compact(images: np.ndarray, image_masks: np.ndarray, prompt_ids: np.ndarray,
+            prompt_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The same requests with no work on padding: images (B, V', …) and image_masks (B, V') with
+    each request's valid cameras first (in order) and V' = the most any request has (≥ 1);
+    prompt_ids/prompt_mask cut after the last column any request fills (≥ 1 column)."""
+    order = np.argsort(~image_masks, axis=1, kind="stable")  # valid cameras first, in order
+    views = max(1, int(image_masks.sum(1).max(initial=0)))
+    order = order[:, :views]
+    length = max(1, int(np.flatnonzero(prompt_mask.any(0)).max(initial=-1)) + 1)
+    return {"images": np.take_along_axis(images, order[:, :, None, None, None], axis=1),
+            "image_masks": np.take_along_axis(image_masks, order, axis=1),
+            "prompt_ids": prompt_ids[:, :length], "prompt_mask": prompt_mask[:, :length]}

@@ -2,11 +2,15 @@
 
 The page pool is a host numpy array; every run binds it (no copy) as the writer's input and
 output through IOBinding, so prefill writes it in place and denoise reads the same memory.
+Each session runs on `threads` intra-op threads, by default every physical core. An int8 bundle's
+sessions fuse its Q/DQ into onnxruntime's integer kernels (graphs/ort.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,14 +35,31 @@ def has_target(manifest: dict[str, Any]) -> str:
     return "" if "cpu" in manifest.get("targets", {}) else "bundle has no ONNX (cpu) target"
 
 
+def physical_cores() -> int:
+    """Physical cores of this machine (SMT siblings counted once), from Linux's CPU topology;
+    `os.cpu_count()` where that is unreadable. The engines' default thread count: a second
+    thread on a core's sibling only competes for the same GEMM units."""
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
 def load(bundle: Any, options: Any) -> dict[str, Any]:
     from walkforge.runtimes.backends.cpu.engine import OrtEngine
 
     target = bundle.manifest["targets"].get("cpu")
     if target is None:
         raise WalkforgeError("bundle has no 'cpu' target")
+    int8 = bundle.manifest.get("precision", {}).get("activations") == "int8"  # fuse its Q/DQ
+    threads = options.threads or physical_cores()
     return {name: OrtEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)),
-                            options.threads, options.spinning) for name, rel in target["walks"].items()}
+                            threads, options.spinning, fuse_qdq=int8)
+            for name, rel in target["walks"].items()}
 
 
 def allocate_pool(spec: PoolSpec) -> np.ndarray:

@@ -29,12 +29,13 @@ class OrtEngine:
     device = "cpu"
 
     def __init__(self, name: str, path: Path, contract: Contract, threads: int | None = None,
-                 spinning: bool = True, providers: tuple[Any, ...] = ("CPUExecutionProvider",)) -> None:
+                 spinning: bool = True, providers: tuple[Any, ...] = ("CPUExecutionProvider",),
+                 fuse_qdq: bool = False) -> None:
         self.name = name
         self.inputs, self.outputs, self.aliases = contract.inputs, contract.outputs, contract.aliases
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, spinning),
-                                                **session_kwargs(list(providers)))
+            self.session = ort.InferenceSession(str(path), session_options(threads, spinning, fuse_qdq),
+                                                **session_kwargs(list(providers), fuse_qdq))
         except Exception as exc:  # onnxruntime raises untyped pybind errors
             raise WalkforgeError(f"walk '{name}': onnxruntime cannot load {Path(path).name}: "
                                  f"{first_line(exc)}") from None

@@ -10,6 +10,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
+from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import GraphNode
 from walkforge.runtimes.kv_pool import PoolSpec
 from walkforge.runtimes.values import to_torch, torch_dtype
@@ -45,6 +46,7 @@ class TorchEngine:
 
 def build_model(bundle: Any, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any, Any]:
     """(recipe, config, model with the bundle's weights), on `device`, cast to `dtype` if given."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from walkforge.recipes import get_recipe
@@ -53,7 +55,12 @@ def build_model(bundle: Any, device: str = "cpu", dtype: Any = None) -> tuple[An
     recipe = get_recipe(bundle.recipe)
     cfg = from_dict(recipe.config, bundle.manifest["config"])
     model = recipe.build(cfg)
-    model.load_state_dict(load_file(str(bundle.path(bundle.manifest["weights"]["file"]))), strict=True)
+    weights = bundle.path(bundle.manifest["weights"]["file"])
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError) as exc:  # a damaged file, or tensors that do not fit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WalkforgeError(f"cannot load the reference weights {weights.name}: {first}") from None
     return recipe, cfg, model.eval().to(device=device, dtype=dtype)
 
 
