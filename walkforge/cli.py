@@ -38,6 +38,8 @@ def _settings(values: tuple[str, ...]) -> dict[str, int]:
 
 DIGEST = click.option("--digest", help="Refuse BUNDLE unless its digest (sha256 of manifest.json, as "
                       "`walkforge inspect` prints it) is this one: pin the bundle you tested.")
+THREADS = click.option("--threads", type=int,
+                       help="Intra-op threads of every backend (default: all physical cores).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,14 +207,15 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
               help="Engine backend; auto picks trt → cuda → torch-cuda → cpu and says why.")
 @click.option("--num-steps", type=int, help="Denoising steps (pi0; default: the compiled config's).")
 @click.option("--tiled", is_flag=True, help="PNG output: decode in tiles as diffusers' enable_tiling().")
+@THREADS
 @DIGEST
 def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, backend: str,
-            num_steps: int | None, tiled: bool, digest: str | None) -> None:
+            num_steps: int | None, tiled: bool, threads: int | None, digest: str | None) -> None:
     """Run BUNDLE on the arrays in an npz and write the outputs to another npz."""
     from walkforge.runtimes import load
 
     feeds = _read_npz(inputs_path)
-    runner = load(bundle, backend, digest=digest)
+    runner = load(bundle, backend, threads=threads, digest=digest)
     if backend == "auto":
         err.print(f"backend: {runner.backend} ({runner.backend_reason})")
     if output.suffix.lower() == ".png":
@@ -232,14 +235,15 @@ def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, bac
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path),
               help="Also add this result to DIR/bench.md's FP8 accuracy section and plot.")
+@THREADS
 @DIGEST
 def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
-               report_dir: Path | None, digest: str | None) -> None:
+               report_dir: Path | None, threads: int | None, digest: str | None) -> None:
     """Compare BUNDLE's engines with the fp32 torch reference, per walk and end to end."""
     from walkforge.artifacts.bundle import Bundle
     from walkforge.tools.verify import verify
 
-    result = verify(Bundle.open(bundle, digest=digest), backend, batch, seed)
+    result = verify(Bundle.open(bundle, digest=digest), backend, batch, seed, threads=threads)
     if report_dir is not None:
         from walkforge.tools.report import add_verify_report
 
@@ -258,7 +262,7 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs first.")
 @click.option("--iters", default=10, show_default=True, help="Timed runs.")
 @click.option("--batch", default=1, show_default=True, help="Batch size.")
-@click.option("--threads", type=int, help="Intra-op threads for every backend (default: all cores).")
+@THREADS
 @click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
 @click.option("--setting", "run_settings", multiple=True,
               help="Front run setting NAME=INT, e.g. num_steps=5 (pi0), tiled=1 or tile_size=512 (VAE).")

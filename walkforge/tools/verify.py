@@ -18,14 +18,15 @@ CALLS_PER_WALK = 3  # per-walk agreement looks at the first few calls of each wa
 
 
 def verify(bundle: Bundle, backend: str = "cpu", batch: int = 2, seed: int = 1234,
-           **dims: Any) -> dict[str, Any]:
+           threads: int | None = None, **dims: Any) -> dict[str, Any]:
     """Run held-out inputs (another seed than compile's examples) through `backend` and torch.
 
     Per-walk numbers feed each engine the torch reference's own inputs, so errors do not
     compound; end-to-end numbers compare the final outputs.
     """
     feeds = example_inputs(bundle, batch=batch, seed=seed, **dims)
-    engine_run, torch_run = load(bundle, backend, spinning=False), load(bundle, "torch")
+    engine_run = load(bundle, backend, threads=threads, spinning=False)
+    torch_run = load(bundle, "torch", threads=threads)
     calls: dict[str, list[dict[str, np.ndarray]]] = {}
 
     def record(walk: str, inputs: Mapping[str, Any], _seconds: float) -> None:

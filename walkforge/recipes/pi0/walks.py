@@ -112,8 +112,16 @@ def walks(model: Pi0Model, cfg: Pi0Config, kv_dtype: str = "float32") -> Sequent
         TensorSpec("x_next", "float32", (b, cfg.action_horizon, cfg.action_dim)),
     )}
     examples = _example_inputs(cfg, spec, next(model.parameters()).device)
+    return chain_walks(model, spec, examples, DenoiseWalk,
+                       "x_t t dt state kv_pool block_table prefix_lens kv_scales", cfg.prefix_len)
 
-    def node(name: str, walk: type[_Walk], ins: str, outs: str, aliases: dict | None = None) -> GraphNode:
+
+def chain_walks(model: nn.Module, spec: dict[str, TensorSpec], examples: dict[str, torch.Tensor],
+                denoise: type, denoise_inputs: str, kv_tokens: int) -> Sequential:
+    """vision → prefill → Loop(`denoise`, num_steps), the chain pi0 and pi0.5 share: prefill
+    writes the page pool in place (`kv_pool_out` aliases `kv_pool`), each Euler step reads it."""
+
+    def node(name: str, walk: type, ins: str, outs: str, aliases: dict | None = None) -> GraphNode:
         return GraphNode(name, walk(model), tuple(spec[i] for i in ins.split()),
                          tuple(spec[o] for o in outs.split()), {i: examples[i] for i in ins.split()},
                          aliases or {})
@@ -123,10 +131,10 @@ def walks(model: Pi0Model, cfg: Pi0Config, kv_dtype: str = "float32") -> Sequent
         node("prefill", PrefillWalk,
              "image_tokens image_masks prompt_ids prompt_mask kv_pool block_table kv_scales",
              "kv_pool_out prefix_lens", aliases={"kv_pool_out": "kv_pool"}),
-        node("denoise", DenoiseWalk, "x_t t dt state kv_pool block_table prefix_lens kv_scales", "x_next"),
+        node("denoise", denoise, denoise_inputs, "x_next"),
     )
     loop = Loop(body="denoise", count="num_steps", carry={"x_next": "x_t"}, schedule="euler")
-    return Sequential(nodes=nodes, steps=("vision", "prefill", loop), kv_tokens=cfg.prefix_len)
+    return Sequential(nodes=nodes, steps=("vision", "prefill", loop), kv_tokens=kv_tokens)
 
 
 def _example_inputs(cfg: Pi0Config, spec: dict[str, TensorSpec], device: torch.device

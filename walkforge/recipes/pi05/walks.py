@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from walkforge.graphs.walk import GraphNode, Loop, Sequential, TensorSpec
+from walkforge.graphs.walk import Sequential, TensorSpec
 from walkforge.plugins.constants import PAGE_SIZE, kv_pages
-from walkforge.recipes.pi0.walks import TORCH_POOL_DTYPES, PrefillWalk, VisionWalk, _Walk, kernel_shapes
+from walkforge.recipes.pi0.walks import TORCH_POOL_DTYPES, _Walk, chain_walks, kernel_shapes
 from walkforge.recipes.pi05.config import ACTION_HEADS, Pi05Config
 from walkforge.recipes.pi05.model import PagedCache, Pi05Model
 
@@ -80,21 +80,8 @@ def walks(model: Pi05Model, cfg: Pi05Config, kv_dtype: str = "float32") -> Seque
     """
     spec = _specs(cfg, kv_dtype)
     examples = _example_inputs(cfg, spec, next(model.parameters()).device)
-
-    def node(name: str, walk: type, ins: str, outs: str, aliases: dict | None = None) -> GraphNode:
-        return GraphNode(name, walk(model), tuple(spec[i] for i in ins.split()),
-                         tuple(spec[o] for o in outs.split()), {i: examples[i] for i in ins.split()},
-                         aliases or {})
-
-    nodes = (
-        node("vision", VisionWalk, "images", "image_tokens"),
-        node("prefill", PrefillWalk,
-             "image_tokens image_masks prompt_ids prompt_mask kv_pool block_table kv_scales",
-             "kv_pool_out prefix_lens", aliases={"kv_pool_out": "kv_pool"}),
-        node("denoise", DenoiseWalk, "x_t t dt kv_pool block_table prefix_lens kv_scales", "x_next"),
-    )
-    loop = Loop(body="denoise", count="num_steps", carry={"x_next": "x_t"}, schedule="euler")
-    return Sequential(nodes=nodes, steps=("vision", "prefill", loop), kv_tokens=cfg.prefix_len)
+    return chain_walks(model, spec, examples, DenoiseWalk,
+                       "x_t t dt kv_pool block_table prefix_lens kv_scales", cfg.prefix_len)
 
 
 def _example_inputs(cfg: Pi05Config, spec: dict[str, TensorSpec], device: torch.device
