@@ -180,13 +180,19 @@ def outcome(base: Path, work: Path, job: dict, latents: np.ndarray, want: dict[s
 
 
 def worker(base: Path, work: Path) -> None:
-    """Read jobs (JSON lines) on stdin; print one JSON line per job: its outcome."""
+    """Read jobs (JSON lines) on stdin; write one JSON line per job, its outcome, to stdout.
+
+    Only the replies go to stdout: fd 1 is pointed at stderr first, because libraries print there
+    too (onnxruntime prints an "EP Error" banner to stdout when a session fails to build).
+    """
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     latents = np.random.default_rng(0).standard_normal(LATENTS_SHAPE, dtype=np.float32)
     want = {"cpu": load_and_run(base, latents, "cpu")}  # by backend; others on first use
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         job = json.loads(line)
-        print(json.dumps({"outcome": outcome(base, work, job, latents, want)}), flush=True)
+        print(json.dumps({"outcome": outcome(base, work, job, latents, want)}), file=replies, flush=True)
 
 
 WORKER = """

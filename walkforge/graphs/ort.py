@@ -30,6 +30,8 @@ INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 
 def session_kwargs(providers: list, fuse_qdq: bool = False) -> dict:
     """InferenceSession keyword arguments besides the options: providers, FP8-unsafe rewrites off
-    (and, for int8 graphs, the rewrite that would undo their per-GEMM Q/DQ)."""
+    (and, for int8 graphs, the rewrite that would undo their per-GEMM Q/DQ), and no silent retry on
+    another provider: onnxruntime would print an "EP Error" banner to stdout and fall back to CPU,
+    where the caller asked for exactly these providers."""
     disabled = [*ORT_DISABLED_OPTIMIZERS, *(INT8_DISABLED_OPTIMIZERS if fuse_qdq else ())]
-    return {"providers": providers, "disabled_optimizers": disabled}
+    return {"providers": providers, "disabled_optimizers": disabled, "enable_fallback": 0}
