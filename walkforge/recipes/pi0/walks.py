@@ -30,6 +30,16 @@ def fake_inputs(cfg: Pi0Config, batch: int = 1, seed: int = 0) -> dict[str, np.n
     """Valid run-time inputs (Pi0Policy's, `noise` = the initial x_t). Request 0's last camera
     is masked off (when V > 1) and prompt lengths differ per request (right-padded with id 0)."""
     rng = np.random.default_rng(seed)
+    return {
+        **prefix_inputs(cfg, batch, rng),
+        "state": rng.uniform(-1, 1, (batch, cfg.state_dim)).astype(np.float32),
+        "noise": rng.standard_normal((batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
+    }
+
+
+def prefix_inputs(cfg: Pi0Config, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The prefix part of fake inputs, shared with pi0.5: images, camera masks (request 0's last
+    camera off when V > 1), prompts of differing lengths (right-padded with id 0)."""
     v, n, s = cfg.num_views, cfg.max_prompt_len, cfg.vision.image_size
     image_masks = np.ones((batch, v), dtype=bool)
     if v > 1:
@@ -42,8 +52,6 @@ def fake_inputs(cfg: Pi0Config, batch: int = 1, seed: int = 0) -> dict[str, np.n
         "image_masks": image_masks,
         "prompt_ids": prompt_ids.astype(np.int64),
         "prompt_mask": prompt_mask,
-        "state": rng.uniform(-1, 1, (batch, cfg.state_dim)).astype(np.float32),
-        "noise": rng.standard_normal((batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
     }
 
 

@@ -14,7 +14,7 @@ import torch
 
 from walkforge.graphs.walk import Sequential, TensorSpec
 from walkforge.plugins.constants import PAGE_SIZE, kv_pages
-from walkforge.recipes.pi0.walks import TORCH_POOL_DTYPES, _Walk, chain_walks, kernel_shapes
+from walkforge.recipes.pi0.walks import TORCH_POOL_DTYPES, _Walk, chain_walks, kernel_shapes, prefix_inputs
 from walkforge.recipes.pi05.config import ACTION_HEADS, Pi05Config
 from walkforge.recipes.pi05.model import PagedCache, Pi05Model
 
@@ -25,18 +25,8 @@ def fake_inputs(cfg: Pi05Config, batch: int = 1, seed: int = 0) -> dict[str, np.
     """Valid run-time inputs (Pi05Policy's, `noise` = the initial x_t). Request 0's last camera
     is masked off (when V > 1) and prompt lengths differ per request (right-padded with id 0)."""
     rng = np.random.default_rng(seed)
-    v, n, s = cfg.num_views, cfg.max_prompt_len, cfg.vision.image_size
-    image_masks = np.ones((batch, v), dtype=bool)
-    if v > 1:
-        image_masks[0, -1] = False
-    lengths = n - (np.arange(batch) * max(1, n // 3)) % n
-    prompt_mask = np.arange(n)[None, :] < lengths[:, None]
-    prompt_ids = rng.integers(1, cfg.llm.vocab, (batch, n)) * prompt_mask
     return {
-        "images": rng.random((batch, v, 3, s, s), dtype=np.float32),
-        "image_masks": image_masks,
-        "prompt_ids": prompt_ids.astype(np.int64),
-        "prompt_mask": prompt_mask,
+        **prefix_inputs(cfg, batch, rng),
         "noise": rng.standard_normal((batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
     }
 
