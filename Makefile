@@ -2,10 +2,10 @@
 PYTHON ?= python3
 STAMP := build/.installed
 
-.PHONY: install demo test test-fast lint bench regress goldens gpu-check gpu-bench clean
+.PHONY: install demo test test-fast lint bench regress goldens gpu-check gpu-bench gpu-table clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m pip install -q -e '.[cpu,compile,dev]'
+	$(PYTHON) -m pip install -q -e '.[cpu,compile,text,serve,ray,dev]'
 	@mkdir -p build && touch $(STAMP)
 
 install: $(STAMP)
@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(PYTHON) -m walkforge.cli bench build/pi0-small-int8 --backends cpu,torch,torch-bf16 --report reports
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small --precision fp8 -o build/pi0-small-fp8 --force
 	$(PYTHON) -m walkforge.cli verify build/pi0-small-fp8 --report reports
+	$(PYTHON) -m walkforge.cli compile bagel --variant small -o build/bagel-small --force
+	$(PYTHON) -m walkforge.cli bench build/bagel-small --backends cpu,torch --dim height=256 --dim width=256 \
+		--setting num_timesteps=50 --warmup 0 --iters 2 --report reports  # 256x256, 50 timesteps, CFG
 
 ## Recipe regression vs walkforge/tools/goldens (CI). `make goldens` rewrites them after an intended change.
 regress: $(STAMP)
@@ -69,6 +72,11 @@ gpu-bench:
 	done; \
 	echo "walkforge bench $(GPU_BUNDLE) --backends $$ran"; \
 	$(WALKFORGE) bench $(GPU_BUNDLE) --backends $$ran
+
+## The issue-17 table on a GPU (< 8 min on an H200): Triton and AOT kernels vs eager, paged attention
+## GB/s vs HBM and SDPA, full-size pi0 bf16 torch eager vs torch-cuda; one markdown table on stdout.
+gpu-table:
+	$(GPU_ENV) timeout 480 $(PYTHON) tests/gpu/gpu_check.py
 
 clean:
 	rm -rf build reports

@@ -15,6 +15,16 @@ import pytest
 VAE_TINY_SEED = 0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_stamp_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Bundle integrity stamps (artifacts/bundle.py) go to a per-session cache, never the user's
+    ~/.cache: tests must neither read stamps an earlier run left nor leave any behind. Set in the
+    environment, so subprocesses (CLI, servers) see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WALKFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("walkforge-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`walkforge compile vae --variant tiny`, random weights (seed 0); do not modify."""
@@ -76,3 +86,12 @@ def diffusers_checkpoint() -> Callable:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, diffusers_checkpoint: Callable):
     """(diffusers AutoencoderKL, its saved folder) matching the `tiny` variant; do not modify."""
     return diffusers_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "vae-tiny")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma-like tokenizer folder trained on the fly (tokenizer.model + transformers'
+    tokenizer.json / tokenizer_config.json; tests/lerobot_folder.py); do not modify."""
+    from lerobot_folder import write_tokenizer
+
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"), fast=True)

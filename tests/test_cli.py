@@ -180,6 +180,7 @@ def test_config_with_overrides(tmp_path: Path) -> None:
 def test_inspect_json_is_the_manifest(tiny_bundle: Path) -> None:
     shown = json.loads(invoke("inspect", tiny_bundle, "--json").stdout)
     digest = shown.pop("digest")  # added by inspect: the sha256 of manifest.json
+    assert shown.pop("kind") == "full"  # added by inspect: with the torch reference weights
     assert shown == json.loads((tiny_bundle / "manifest.json").read_text()) and len(digest) == 64
 
 

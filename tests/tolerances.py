@@ -66,3 +66,39 @@ def vae_decode_tol(channels: int) -> float:
 # back: 4.6e-5. A mask, RoPE-position or time-embedding slip, or requests of a batch mixing, moves
 # actions by 1e-2 and more; fp8 weights and K/V by 2e-2.
 PI0_TINY_ACTIONS_TOL = fp32_tol(2 * 256 + 16 + 51, depth=2)
+
+
+# BAGEL `tiny` (recipes/bagel), two fp32 implementations (ours vs stock transformers/diffusers pieces,
+# bundle engines vs the recipe's torch modules). "layer": the 256-term time-embedding sum. "decode":
+# the FLUX decoder's longest sum, a 3×3 conv over 32 channels. "latents": 5 Euler steps through 2 MoT
+# layers (MLP sums of 128 terms), depth 2 for what the steps feed back, ×2·s_t = 8 because text
+# guidance a = v_t + 4·(v_c − v_t) amplifies the branches' difference. "image": the issue's 1e-4 on the
+# image, which the decoder maps the latents' error into. A mask, RoPE-position, routing or renorm slip
+# moves latents by 1e-2 and more; fp8 weights by 3e-2.
+BAGEL_TOL = {"layer": fp32_tol(256), "decode": vae_decode_tol(32),
+             "latents": 8 * fp32_tol(128, depth=2), "image": 1e-4}
+
+
+# runtimes/processors: numpy resize-with-pad vs torch's interpolate(bilinear, align_corners=False,
+# antialias=False). Each output is two lerps of inputs ≤ 1; torch computes the source coordinates
+# and weights in fp32 (a few roundings each), ours in float64 rounded once to fp32: ≤ 8 fp32 eps
+# relative (measured 1.2e-7: one fp32 ulp). A wrong corner rule or half-pixel offset moves pixels by 1e-2.
+RESIZE_TOL = 8 * FP32_EPS
+# The policy front (raw observation → processors → engines → robot units) vs the recipe's eager
+# torch reference fed hand-processed inputs: the engines' fp32 difference (PI0_TINY_ACTIONS_TOL
+# ≈ 4.6e-5, pi0.5's 200-token prompt ≈ 5.3e-5) through the per-dim affine un-normalisation
+# (scales ≤ 1.5), bounded by the issue's 1e-4. A wrong stat, bin, token or padding pixel moves
+# the chunk by 1e-2 and more.
+POLICY_CHUNK_TOL = 1e-4
+
+
+# --precision bf16 (graphs/bf16): bf16 has an 8-bit mantissa (relative rounding 2^-9 ≈ 2e-3 per
+# value); a GEMM over random weights keeps the direction of its output to a cosine of ≈ 1 − 1e-5, and
+# pi0's Euler loop feeds each step's error forward. The issue's bar for actions vs fp32: 0.999
+# (measured on `tiny`: 0.999997). A GEMM left in fp32 or a bf16 norm/softmax would not fail it, a
+# wrong cast or a weight rounded to the wrong dtype would (cosine < 0.9).
+BF16_ACTIONS_COSINE = 0.999
+# The same bf16 graph on two evaluators (onnx.reference vs onnxruntime running emulate_bf16): equal
+# roundings, differing only where accumulation order flips a result's last bf16 bit (one ULP,
+# 2^-8 relative, on a few elements): cosine ≥ 1 − 1e-5 (measured 0.9999999 on pi0 `tiny` vision).
+BF16_EVALUATORS_COSINE = 1 - 1e-5

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -62,12 +63,15 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (atomically).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
-@click.option("--precision", type=click.Choice(["fp32", "fp8", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp8", "int8", "bf16"]), default="fp32",
+              show_default=True,
               help="fp8: E4M3 Q/DQ on GEMM/conv inputs and weights (TensorRT fuses them; the CPU "
                    "target emulates FP8 accuracy, it is not faster). int8: W8A8 INT8 Q/DQ, static "
                    "per-tensor activation scales, per-channel weights (onnxruntime's CPU integer "
                    "kernels, VNNI/AMX; TensorRT INT8). The --calib-*, --reuse-calibration, "
-                   "--min-cosine and --fp8-exclude options serve both.")
+                   "--min-cosine and --fp8-exclude options serve both. bf16: bf16 weights and "
+                   "GEMM/conv math, fp32 norms/softmax/Euler update (for TensorRT and cuda; the cpu "
+                   "backend refuses it, the compile checks it on CPU by emulation).")
 @click.option("--calib-samples", default=8, show_default=True,
               help="fp8: seeded synthetic example batches to calibrate on (the recipe's fake_inputs).")
 @click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -98,11 +102,18 @@ def cli(verbose: bool) -> None:
 @click.option("--gpu-archs", default=",".join(DEFAULT_ARCHS), show_default=True,
               help="GPU architectures to AOT-compile the plugin kernels for (comma-separated; "
                    "empty for none). Needs no GPU.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="pi0/pi05: local tokenizer folder (tokenizer.model and/or tokenizer.json) copied "
+                   "into the bundle, so text prompts work offline.")
+@click.option("--no-reference-weights", "no_reference_weights", is_flag=True,
+              help="Write a deployment bundle: the engines' weights only, without the torch reference "
+                   "copy (about half the size; the torch backends and `verify` then refuse it).")
 def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, config_file: Path | None,
                 seed: int, out: Path, force: bool, precision: str, calib_samples: int,
                 calib_data: Path | None, calib_method: str, calib_percentile: float,
                 reuse_calibration: Path | None, fp8_min_cosine: float | None, fp8_exclude: str,
-                kv_dtype: str, walks: str, weights_variant: str | None, gpu_archs: str) -> None:
+                kv_dtype: str, walks: str, weights_variant: str | None, gpu_archs: str,
+                tokenizer: Path | None, no_reference_weights: bool) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
     from walkforge import CompileRequest, compile_bundle
     from walkforge.progress import Progress
@@ -112,7 +123,8 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
                          calib_samples, calib_data, calib_method, calib_percentile, reuse_calibration,
                          fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs,
                          kv_dtype=kv_dtype, weights_variant=weights_variant,
-                         walks=tuple(w for w in walks.split(",") if w))
+                         walks=tuple(w for w in walks.split(",") if w), tokenizer=tokenizer,
+                         reference_weights=not no_reference_weights)
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")
@@ -157,9 +169,11 @@ def inspect_cmd(bundle: Path, as_json: bool, trt_lint: bool) -> None:
             raise WalkforgeError(f"{n_errors} TensorRT-readiness error(s) in {bundle}")
         return
     if as_json:
-        click.echo(json.dumps({**manifest, "digest": opened.digest}, indent=2))
+        click.echo(json.dumps({**manifest, "digest": opened.digest, "kind": opened.kind}, indent=2))
         return
     stdout.print(f"digest {opened.digest}")
+    stdout.print(f"kind {opened.kind}: " + ("engines and the torch reference weights" if opened.kind == "full"
+                                            else "engines only (no torch reference weights)"))
     render.show_manifest(stdout, manifest)
 
 
@@ -197,11 +211,22 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
 
 @cli.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path),
-              help="npz whose keys are the input names `inspect` shows.")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
+              help="npz whose keys are the input names `inspect` shows (not with --prompt-ids / --prompt).")
+@click.option("--observation", "observation_path", type=click.Path(path_type=Path),
+              help="pi0/pi05: npz of one raw robot observation keyed by LeRobot feature names (camera "
+                   "frames uint8 or float, HWC or CHW; the state; optionally 'noise'); writes the action "
+                   "chunk in robot units to -o as 'actions'.")
+@click.option("--task", help="pi0/pi05 with --observation: the task text (or a 'task' string in the npz).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="npz to write; a .png path (VAE bundles) writes the images of `to_image` instead: "
                    "that path for batch 1, <stem>-<i>.png per item of a larger batch.")
+@click.option("--prompt-ids", help="bagel: the prompt's token ids, comma-separated; writes the generated "
+                                   "image to -o (PNG).")
+@click.option("--prompt", help="bagel: the prompt as text (bundles with a tokenizer).")
+@click.option("--height", default=1024, show_default=True, help="bagel: image height (multiple of 16).")
+@click.option("--width", default=1024, show_default=True, help="bagel: image width (multiple of 16).")
+@click.option("--seed", default=0, show_default=True, help="bagel: seed of the start noise.")
 @click.option("--walk", help="Run one walk only (default: the whole plan through the front API).")
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="Engine backend; auto picks trt → cuda → torch-cuda → cpu and says why.")
@@ -209,15 +234,32 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
 @click.option("--tiled", is_flag=True, help="PNG output: decode in tiles as diffusers' enable_tiling().")
 @THREADS
 @DIGEST
-def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, backend: str,
+def run_cmd(bundle: Path, inputs_path: Path | None, observation_path: Path | None, task: str | None,
+            output: Path, prompt_ids: str | None, prompt: str | None,
+            height: int, width: int, seed: int, walk: str | None, backend: str,
             num_steps: int | None, tiled: bool, threads: int | None, digest: str | None) -> None:
-    """Run BUNDLE on the arrays in an npz and write the outputs to another npz."""
+    """Run BUNDLE on the arrays in an npz and write the outputs to another npz (bagel: or generate
+    an image from --prompt-ids / --prompt; pi0/pi05: or act on a raw --observation)."""
     from walkforge.runtimes import load
 
-    feeds = _read_npz(inputs_path)
+    if observation_path is not None:
+        if inputs_path is not None or prompt_ids is not None or prompt is not None:
+            raise WalkforgeError("--observation takes no --inputs / --prompt-ids / --prompt")
+        policy = load(bundle, backend, threads=threads, digest=digest)
+        _write_actions(policy, observation_path, task, output, num_steps)
+        return
+    if task is not None:
+        raise WalkforgeError("--task goes with --observation")
+    generating = prompt_ids is not None or prompt is not None
+    if (inputs_path is not None) == generating:
+        raise WalkforgeError("give --inputs NPZ, or --prompt-ids / --prompt (bagel bundles)")
+    feeds = {} if generating else _read_npz(inputs_path)
     runner = load(bundle, backend, threads=threads, digest=digest)
     if backend == "auto":
         err.print(f"backend: {runner.backend} ({runner.backend_reason})")
+    if generating:
+        _write_generated(runner, output, prompt_ids, prompt, height, width, seed, num_steps)
+        return
     if output.suffix.lower() == ".png":
         _write_images(runner, feeds, output, tiled)
         return
@@ -235,14 +277,25 @@ def run_cmd(bundle: Path, inputs_path: Path, output: Path, walk: str | None, bac
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path),
               help="Also add this result to DIR/bench.md's FP8 accuracy section and plot.")
+@click.option("--integrity", is_flag=True,
+              help="Only re-hash every file against the manifest (loads trust per-file stamps instead).")
 @THREADS
 @DIGEST
 def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
-               report_dir: Path | None, threads: int | None, digest: str | None) -> None:
+               report_dir: Path | None, integrity: bool, threads: int | None, digest: str | None) -> None:
     """Compare BUNDLE's engines with the fp32 torch reference, per walk and end to end."""
     from walkforge.artifacts.bundle import Bundle
+    from walkforge.tools.verify import integrity as check_integrity
     from walkforge.tools.verify import verify
 
+    if integrity:
+        checked = check_integrity(bundle, digest)
+        if as_json:
+            click.echo(json.dumps(checked, indent=2))
+        else:
+            stdout.print(f"{bundle}: {checked['files']} files ({render.mb(checked['bytes'])}) re-hashed, "
+                         "all match the manifest")
+        return
     result = verify(Bundle.open(bundle, digest=digest), backend, batch, seed, threads=threads)
     if report_dir is not None:
         from walkforge.tools.report import add_verify_report
@@ -327,6 +380,50 @@ def demo_cmd(out: Path) -> None:
     demo(out, stdout)
 
 
+@cli.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, help="Port of the websocket and GET /healthz.")
+@click.option("--backend", default="cpu", show_default=True, type=click.Choice(list(BACKENDS)),
+              help="Backend the engines run on.")
+@click.option("--obs-map", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="JSON {client key: bundle key}, e.g. openpi's 'observation/image' → a camera key.")
+@click.option("--max-batch", default=8, show_default=True, help="Most requests run as one batch.")
+@click.option("--batch-wait-ms", default=2.0, show_default=True,
+              help="How long a first request waits for others to join its batch.")
+@click.option("--max-queue", default=64, show_default=True, help="Waiting requests beyond this are refused.")
+@click.option("--pool-wait-ms", default=5000.0, show_default=True,
+              help="How long a request waits for free KV pages before it is refused.")
+@click.option("--kv-pages", type=int, help="Page pool size (default: 8 full-length requests).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run the policy as a Ray Serve deployment (walkforge[ray]).")
+@click.option("--replicas", default=1, show_default=True, help="--ray: policy replicas.")
+@click.option("--address",
+              help="--ray: the Ray cluster to join (auto, or HEAD:6379); default: a local one.")
+@THREADS
+def serve_cmd(bundle: Path, host: str, port: int, backend: str, obs_map: Path | None, max_batch: int,
+              batch_wait_ms: float, max_queue: int, pool_wait_ms: float, kv_pages: int | None,
+              use_ray: bool, replicas: int, address: str | None, threads: int | None) -> None:
+    """Serve BUNDLE's policy over openpi's websocket protocol until SIGTERM."""
+    from walkforge.serving.app import ServeOptions, serve_bundle
+
+    serve_bundle(bundle, ServeOptions(host, port, backend, obs_map, max_batch, batch_wait_ms, max_queue,
+                                      pool_wait_ms, kv_pages, threads, use_ray, replicas, address))
+
+
+@cli.command("client")
+@click.argument("address")
+@click.option("--observation", "observation", required=True, type=click.Path(path_type=Path),
+              help="npz of one observation (camera keys, state, a 0-d string 'task', optional 'noise').")
+@click.option("--repeat", default=1, show_default=True, help="Send it this many times (timing).")
+def client_cmd(address: str, observation: Path, repeat: int) -> None:
+    """Send one observation to a policy server at HOST:PORT; print the chunk and round-trip time."""
+    from walkforge.serving.client import as_observation, describe, round_trip
+
+    stdout.print(escape(describe(*round_trip(address, as_observation(_read_npz(observation)), repeat))),
+                 highlight=False)
+
+
 def _write_images(runner, feeds: dict[str, np.ndarray], output: Path, tiled: bool) -> None:
     from walkforge.runtimes.fronts.vae import save_png
 
@@ -334,6 +431,40 @@ def _write_images(runner, feeds: dict[str, np.ndarray], output: Path, tiled: boo
         raise WalkforgeError(f"{output}: PNG output needs a vae bundle and an npz with 'latents'")
     paths = save_png(runner.to_image(feeds["latents"], tiled=tiled), output)
     err.print(f"wrote {', '.join(map(str, paths))}")
+
+
+def _write_generated(runner, output: Path, prompt_ids: str | None, prompt: str | None, height: int,
+                     width: int, seed: int, num_steps: int | None) -> None:
+    from walkforge.runtimes.fronts.bagel import to_uint8
+    from walkforge.runtimes.fronts.vae import save_png
+
+    if not hasattr(runner, "generate"):
+        raise WalkforgeError("--prompt-ids / --prompt: this bundle does not generate images "
+                             "(bagel bundles do)")
+    try:
+        ids = None if prompt_ids is None else [int(x) for x in prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise WalkforgeError(f"--prompt-ids: expected comma-separated integers, got '{prompt_ids}'") from None
+    steps = {} if num_steps is None else {"num_timesteps": num_steps + 1}  # N timesteps = N − 1 steps
+    image = runner.generate(ids, height, width, seed=seed, prompt=prompt, **steps)
+    err.print(f"wrote {', '.join(map(str, save_png(to_uint8(image)[None], output)))}")
+
+
+def _write_actions(policy: Any, observation_path: Path, task: str | None, output: Path,
+                   num_steps: int | None) -> None:
+    """pi0/pi05: one raw observation (npz keyed by feature names, optional 'noise') → the action
+    chunk (chunk_size, action_dim) in robot units, written to `output` as 'actions'."""
+    if not hasattr(policy, "predict_action_chunk"):
+        raise WalkforgeError(f"--observation: this {policy.bundle.recipe} bundle is not a robot policy")
+    observation: dict[str, Any] = _read_npz(observation_path)
+    noise = observation.pop("noise", None)
+    if task is not None:
+        observation["task"] = task
+    elif "task" in observation:
+        observation["task"] = str(observation["task"])
+    actions = policy.predict_action_chunk(observation, noise=noise, num_steps=num_steps)
+    np.savez(output, actions=actions)
+    err.print(f"wrote {output}: actions {list(actions.shape)}")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

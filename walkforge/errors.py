@@ -7,6 +7,9 @@ else is an internal bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class WalkforgeError(Exception):
     """A user-facing error: one line, names what is wrong."""
@@ -20,3 +23,10 @@ class CompileError(WalkforgeError):
         self.done = list(done)
         finished = ", ".join(done) if done else "nothing"
         super().__init__(f"compile failed at stage '{stage}' (finished: {finished}): {reason}")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close: for errors
+    about unknown names (recipes, variants, config fields, observation keys)."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

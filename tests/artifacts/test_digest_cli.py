@@ -33,7 +33,8 @@ def test_inspect_prints_the_digest(tiny_bundle: Path) -> None:
     shown = json.loads(invoke("inspect", tiny_bundle, "--json"))
     assert shown["digest"] == digest_of(tiny_bundle)
     manifest = json.loads((tiny_bundle / MANIFEST).read_text())
-    assert {k: v for k, v in shown.items() if k != "digest"} == manifest
+    assert shown["kind"] == "full"  # added beside the manifest, like the digest
+    assert {k: v for k, v in shown.items() if k not in ("digest", "kind")} == manifest
 
 
 def test_compile_prints_the_digest(tmp_path: Path) -> None:

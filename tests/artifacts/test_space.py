@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from safetensors import SafetensorError
 
 from walkforge import CompileRequest, compile_bundle
 from walkforge.artifacts import space
@@ -54,7 +53,7 @@ def test_too_little_free_space_refuses_before_writing_weights(out: Path, need: l
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(space, "free_bytes", lambda _path: 10_000_000)
     writes = []
-    monkeypatch.setattr(pipeline, "save_file", lambda *a, **k: writes.append(a))
+    monkeypatch.setattr(pipeline, "write_safetensors", lambda *a, **k: writes.append(a))
     message = compile_refused(out)
     assert message == (f"compile failed at stage 'load' (finished: nothing): not enough space for "
                        f"{out}: the bundle needs about {space.gb(need[0])}, 10.0 MB free there "
@@ -68,11 +67,11 @@ def test_expected_size_scales_with_the_weights() -> None:
 
 
 def test_disk_full_writing_the_weights(out: Path, need: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(_tensors: dict, path: str) -> None:  # what safetensors raises on ENOSPC
+    def full(path: Path, _specs: dict, _tensor_of) -> str:  # the streaming writer's file write on ENOSPC
         Path(path).write_bytes(bytes(1000))
-        raise SafetensorError(f"Error while serializing: I/O error: {ENOSPC_TEXT} (os error 28)")
+        raise OSError(errno.ENOSPC, ENOSPC_TEXT)
 
-    monkeypatch.setattr(pipeline, "save_file", full)
+    monkeypatch.setattr(pipeline, "write_safetensors", full)
     assert compile_refused(out) == (f"compile failed at stage 'load' (finished: nothing): no space left "
                                     f"on the device writing weights/model.safetensors for {out}: the "
                                     f"bundle needs about {space.gb(need[0])} in all")
@@ -94,10 +93,10 @@ def test_disk_full_writing_onnx_external_data(out: Path, need: list[int],
 
 
 def test_other_write_errors_keep_their_traceback(out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(_tensors: dict, _path: str) -> None:
+    def broken(_path: Path, _specs: dict, _tensor_of) -> str:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(pipeline, "save_file", broken)
+    monkeypatch.setattr(pipeline, "write_safetensors", broken)
     with pytest.raises(OSError, match="Input/output error"):
         compile_bundle(CompileRequest("vae", out, variant="tiny", gpu_archs=()))
     assert not out.exists() and list(out.parent.iterdir()) == []

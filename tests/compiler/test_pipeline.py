@@ -135,7 +135,7 @@ def test_variant_and_checkpoint_together_refused(tmp_path: Path, tiny_checkpoint
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("precision", "fp16", "--precision must be one of fp32, fp8, int8, got 'fp16'"),
+    ("precision", "fp16", "--precision must be one of fp32, fp8, int8, bf16, got 'fp16'"),
     ("kv_dtype", "int8", "--kv-dtype must be one of fp32, fp8, got 'int8'"),
     ("gpu_archs", ("sm_90", "sm90"), "--gpu-archs: 'sm90' is not an architecture like sm_90"),
     ("gpu_archs", ("gfx90a",), "--gpu-archs: 'gfx90a' is not an architecture like sm_90"),

@@ -183,3 +183,40 @@ def test_eval_grid_evaluates_the_plugin_rules():
     assert aot.eval_grid("(X * 2 - 1, 3): X = t.shape[-1]", {"t": (5, 7)}, {}) == (13, 3, 1)
     with pytest.raises(ValueError, match="unsupported grid expression"):
         aot.eval_grid("(__import__('os'),): X = t.shape[0]", {"t": (1,)}, {})
+
+
+# ---------------------------------------------------------------- the loader's choice on this GPU
+
+
+@pytest.mark.gpu
+def test_the_image_the_loader_selects_runs_on_this_gpu():
+    """plugins.arch.select_kernel on this device and driver: from this arch's records (the exact
+    cubin) and from sm_80's alone (PTX JIT-compiled forward, or sm_80's cubin on an 8.x device)."""
+    cupy = pytest.importorskip("cupy", reason="launching AOT records needs cupy (the CUDA driver API)")
+    from walkforge.plugins import aot
+    from walkforge.plugins import paged_attention as pa
+    from walkforge.plugins.arch import select_kernel
+
+    version = cupy.cuda.driver.driverGetVersion()
+    driver, cc = (version // 1000, (version % 1000) // 10), torch.cuda.get_device_capability()
+    x = make_inputs(PI0_LIKE)
+    want = pa.paged_attention(*pa.case_args(x))
+    for arch in dict.fromkeys((cuda_arch(), "sm_80")):
+        records = aot_records(arch, "float32")
+        name = torch.cuda.get_device_name()
+        choice = select_kernel(records, aot.kernel_name(pa.AOT.name), cc, driver, name)
+        if arch == cuda_arch():
+            assert choice.image == "cubin", choice.reason
+        got = aot.launch_aot(choice.record, choice.image, x)
+        assert rel_err(got, want) <= case_tol(PI0_LIKE), choice.reason
+
+
+@pytest.mark.gpu
+def test_gpu_check_sections_report_no_failures():
+    """The prepared script's kernel, AOT and attention sections on this GPU (its pi0 section is the
+    long one: run tests/gpu/gpu_check.py for it)."""
+    from tests.gpu import gpu_check
+
+    rows = gpu_check.run_sections([(name, fn) for name, fn in gpu_check.SECTIONS], budget_s=300)
+    bad = [row for row in rows if row[2] in ("FAIL", "ERROR")]
+    assert not bad, gpu_check.markdown(bad)

@@ -190,6 +190,7 @@ def test_sample_actions_match_transformers_reference(model: Pi0Model) -> None:
 LEROBOT_CONFIG = {
     "type": "pi0", "chunk_size": 50, "n_action_steps": 50, "max_state_dim": 32, "max_action_dim": 32,
     "tokenizer_max_length": 16, "num_steps": 10, "empty_cameras": 0,
+    "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "IDENTITY", "ACTION": "IDENTITY"},
     "input_features": {
         "observation.images.top": {"type": "VISUAL", "shape": [3, 480, 640]},
         "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]},

@@ -24,6 +24,7 @@ EXPERT_NORM = "model.paligemma_with_expert.gemma_expert.model.layers.1.post_atte
 LEROBOT_CONFIG = {
     "type": "pi05", "chunk_size": 50, "n_action_steps": 50, "max_state_dim": 32, "max_action_dim": 32,
     "tokenizer_max_length": 24, "num_inference_steps": 10, "empty_cameras": 1,
+    "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "IDENTITY", "ACTION": "IDENTITY"},
     "input_features": {
         "observation.images.base_0_rgb": {"type": "VISUAL", "shape": [3, 224, 224]},
         "observation.state": {"type": "STATE", "shape": [8]},

@@ -5,8 +5,9 @@ place only when complete, so an interrupted or failed compile leaves nothing at 
 a folder left by a killed compile is removed by the next write there (`staged_bundle`). The
 reader refuses foreign bundles, unknown format versions, any path the manifest names that is not
 inside the bundle (artifacts/paths.py), a file present but not listed or listed but absent, and any
-file whose size or sha256 differs from the manifest, naming the file. A second write to the same
-destination while one is in progress is refused.
+file whose size or sha256 differs from the manifest, naming the file. Each file is hashed once;
+later opens trust a per-user stamp of its size, times and inode ("stamps" below) and hash only
+what changed. A second write to the same destination while one is in progress is refused.
 
 A bundle's digest is the sha256 of its manifest bytes, which hold every other file's sha256: pin it
 (`Bundle.open(root, digest=...)`, `check_digest`) to load only the bundle that was tested. It is
@@ -357,8 +358,13 @@ def check_digest(bundle: Bundle, expected: str | None) -> Bundle:
     return bundle
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Check each listed file's size and sha256; refuse missing, truncated or changed files."""
+def verify_files(root: Path, manifest: dict[str, Any], digest: str | None = None,
+                 rehash: bool = False) -> int:
+    """Check each listed file's size and sha256; refuse missing, truncated or changed files.
+
+    With the bundle's `digest`, a file whose stamp (artifacts/bundle.py "Stamps") still matches
+    is trusted without hashing it, and the stamps are renewed after a check; `rehash` hashes
+    every file all the same. Returns how many files were hashed."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise WalkforgeError(f"{Path(root) / MANIFEST}: manifest has no files table; cannot verify it")
@@ -366,17 +372,120 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
         if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
             raise WalkforgeError(f"{Path(root) / MANIFEST}: malformed files entry for {rel}")
     check_listed_exactly(Path(root), set(files), MANIFEST)
+    stamps = {} if digest is None or rehash else read_stamps(Path(root), digest)
+    seen, hashed = {}, 0
     for rel, entry in files.items():
         path = inside(Path(root), rel, f"files[{rel!r}]")
         if not path.is_file():
             raise WalkforgeError(f"bundle file missing: {rel}")
-        size = path.stat().st_size
+        seen[rel] = file_stamp(path)
+        size = seen[rel][0]
         if size != entry["size"]:
             raise WalkforgeError(
                 f"bundle file {rel} is {size} bytes, manifest says {entry['size']} (truncated or altered)"
             )
+        if stamps.get(rel) == seen[rel]:
+            continue
+        hashed += 1
         if sha256_file(path) != entry["sha256"]:
             raise WalkforgeError(f"bundle file {rel} fails its sha256 check (tampered or corrupt)")
+    if digest is not None and (hashed or set(stamps) != set(seen)):
+        write_stamps(Path(root), digest, seen)
+    return hashed
+
+
+# -- stamps: a file hashed once is trusted while its metadata is unchanged -------------------
+
+STAMP_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+"""What a stamp records per file. Any write, truncation, `touch`, `os.utime` (which sets ctime to
+now: ctime cannot be set back), replacement by another file (a new inode) or copy (a new inode,
+and a new location, hence another stamp file) changes it, and the file is hashed again. A change
+that bypasses the file's metadata (bit rot, a write to the raw device, a filesystem restored
+from a snapshot with its ctimes) does not: `walkforge verify --integrity` re-hashes on demand."""
+STAMP_VERSION = 1
+RACY_NS = 2_000_000_000
+"""Files modified (mtime) less than this before their check get no stamp: a filesystem's timestamps
+are coarse (a kernel tick), so a file rewritten within the tick it was stamped in could keep its
+mtime and ctime (git's "racy clean" problem). A file with an older mtime cannot be rewritten
+without moving it. Fresh files are hashed again at the next load, once they are older."""
+CACHE_ENV = "WALKFORGE_CACHE_DIR"
+
+
+def stamp_dir() -> Path:
+    """Where stamps live: $WALKFORGE_CACHE_DIR/stamps, else $XDG_CACHE_HOME/walkforge/stamps, else
+    ~/.cache/walkforge/stamps. Per user and outside the bundle, which may be read-only."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "stamps"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "walkforge" / "stamps"
+
+
+def file_stamp(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [getattr(st, name) for name in STAMP_FIELDS]
+
+
+def stamp_path(root: Path, digest: str) -> Path:
+    """The stamp file of the bundle at `root` with manifest `digest`: keyed by both, so another
+    manifest, or the same bundle at another path, starts unstamped."""
+    where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return stamp_dir() / f"{digest}-{where}.json"
+
+
+def read_stamps(root: Path, digest: str) -> dict[str, list[int]]:
+    """The stamps recorded for this bundle ({} when none, or unreadable: then everything is hashed)."""
+    try:
+        data = json.loads(stamp_path(root, digest).read_text())
+        if (data.get("version") == STAMP_VERSION and data.get("digest") == digest
+                and data.get("root") == str(Path(root).resolve()) and isinstance(data.get("files"), dict)):
+            return data["files"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def write_stamps(root: Path, digest: str, seen: dict[str, list[int]]) -> None:
+    """Record the files just checked (all of them passed), less the racy ones (RACY_NS); written
+    atomically (a temporary file renamed over the old stamps). A cache that cannot be written
+    only costs the next load its hashing."""
+    now = time.time_ns()
+    files = {rel: stamp for rel, stamp in seen.items() if now - stamp[1] >= RACY_NS}
+    path = stamp_path(root, digest)
+    data = {"version": STAMP_VERSION, "digest": digest, "root": str(Path(root).resolve()), "files": files}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot write bundle stamps %s: %s", path, exc)
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
+
+
+# -- kinds: a full bundle carries the torch reference weights, a deployment bundle does not ----
+
+def has_reference_weights(manifest: dict[str, Any]) -> bool:
+    """Whether the bundle carries the torch reference copy of its weights (`weights.file`); a
+    `--no-reference-weights` bundle has its weights once, in the engines' files."""
+    weights = manifest.get("weights")
+    return isinstance(weights, dict) and bool(weights.get("file"))
+
+
+def bundle_kind(manifest: dict[str, Any]) -> str:
+    """"full" (engines and the torch reference weights) or "deployment" (engines only)."""
+    return "full" if has_reference_weights(manifest) else "deployment"
+
+
+def require_reference_weights(bundle: Bundle, what: str) -> None:
+    """Refuse, in one line naming `what` needs them, a bundle without reference weights."""
+    if not has_reference_weights(bundle.manifest):
+        raise WalkforgeError(f"{what} needs the torch reference weights, which bundle {bundle.root} does "
+                             "not carry (a deployment bundle, compiled with --no-reference-weights): "
+                             "run it on an engine backend (cpu, cuda, trt), or recompile without the flag")
 
 
 class Bundle:
@@ -386,23 +495,31 @@ class Bundle:
         self.root = Path(root)
         self.manifest = manifest
         self.digest = digest
+        self.hashed = 0  # files whose sha256 `open` computed (the rest were trusted by their stamps)
 
     @classmethod
-    def open(cls, root: Path | str, verify: bool = True, digest: str | None = None) -> Bundle:
+    def open(cls, root: Path | str, verify: bool = True, digest: str | None = None,
+             integrity: bool = False) -> Bundle:
         """Read `root`'s manifest and refuse any path in it that leaves the bundle; with `verify`,
-        refuse unlisted, missing or altered files; with `digest`, a bundle of another digest.
-        A manifest the runtime cannot read (artifacts/schema.py) is refused too."""
+        refuse unlisted, missing or altered files (hashing each file once, then trusting its stamp
+        while its size, times and inode are unchanged; `integrity` hashes every file again);
+        with `digest`, a bundle of another digest. A manifest the runtime cannot read
+        (artifacts/schema.py) is refused too."""
         manifest, actual = _read_manifest(Path(root))
         bundle = check_digest(cls(Path(root), manifest, actual), digest)
         check_paths(bundle.root, manifest)
         check_schema(manifest, str(bundle.root / MANIFEST))
-        if verify:
-            verify_files(bundle.root, manifest)
+        if verify or integrity:
+            bundle.hashed = verify_files(bundle.root, manifest, actual, rehash=integrity)
         return bundle
 
     @property
     def recipe(self) -> str:
         return self.manifest["recipe"]
+
+    @property
+    def kind(self) -> str:
+        return bundle_kind(self.manifest)
 
     def walk(self, name: str) -> dict[str, Any]:
         walks = self.manifest["walks"]

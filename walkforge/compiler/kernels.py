@@ -15,7 +15,15 @@ from typing import Any
 
 from walkforge.errors import WalkforgeError
 
-DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90")
+DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_110", "sm_120")
+"""A100; RTX 30xx/A10; Jetson Orin; RTX 40xx/L4; H100/H200; B200; Jetson Thor; RTX 50xx. Each
+compiles in ~5-10 s. Triton 3.9's ptxas (13.4) also builds sm_103 (B300) and sm_121 (DGX Spark)
+on request; sm_101 is gone from CUDA 13 (renamed sm_110). Devices of another minor use the PTX of
+the newest arch below them where that PTX is not arch-specific (plugins/arch.py)."""
+
+
+RENAMED_ARCHS = {"sm_101": "sm_101 is Jetson Thor's pre-CUDA-13 name; CUDA 13's ptxas (Triton's for sm_90+) "
+                           "only knows sm_110: use sm_110"}  # fmt: skip
 
 
 def plugin_ops(walks: Mapping[str, Any]) -> set[str]:
@@ -34,6 +42,23 @@ def check_archs(archs: Sequence[str]) -> None:
             parse_arch(arch)
         except ValueError:
             raise WalkforgeError(f"--gpu-archs: '{arch}' is not an architecture like sm_90") from None
+        if arch.rstrip("af") in RENAMED_ARCHS:
+            raise WalkforgeError(f"--gpu-archs: {RENAMED_ARCHS[arch.rstrip('af')]}")
+
+
+def fp8_warning(archs: Sequence[str], kv_dtype: str, precision: str) -> str:
+    """The build-time warning for FP8 on archs without it, or ''. A warning, not a refusal: the
+    bundle is multi-arch (the default list includes sm_80/86/87) and its cpu target runs anywhere;
+    the loader refuses those devices in one line (plugins/arch.check_fp8)."""
+    from walkforge.plugins.arch import fp8_archs_without
+
+    wanted = (("an FP8 KV pool", kv_dtype == "fp8"), ("FP8 GEMMs", precision == "fp8"))
+    uses = [what for what, on in wanted if on]
+    without = fp8_archs_without(archs)
+    if not uses or not without:
+        return ""
+    return (f"{' and '.join(uses)} cannot run on {', '.join(without)} (FP8 needs sm_89+): those GPUs "
+            "get no fp8 kernels and will refuse this bundle at load")
 
 
 def build_kernels(root: Path, archs: Sequence[str], shapes: Mapping[str, int]) -> list[dict[str, Any]]:

@@ -5,6 +5,8 @@ options) and returns the model with counts of what it changed; `run_pass` logs t
     fp8_kv_pool        the page pool carried as E4M3 bytes, fp8 bodies (kv_cache stage)
     quantize_fp8       FP8 Q/DQ on GEMM/conv inputs and weights (calibrate stage)
     quantize_int8      the same pass with INT8 Q/DQ, one Q/DQ pair per GEMM (calibrate stage)
+    cast_bf16          bf16 weights and GEMM/conv math, fp32 elsewhere (calibrate stage, --precision bf16)
+    emulate_bf16       a bf16 graph as fp32 math between bf16 roundings, for the CPU check of cast_bf16
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import onnx
 
 from walkforge import plugins
+from walkforge.graphs.bf16 import cast_bf16, emulate_bf16
 from walkforge.graphs.fp8 import quantize_fp8, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,8 @@ PASSES: dict[str, Pass] = {
     "fp8_kv_pool": plugins.fp8_kv_pool,
     "quantize_fp8": quantize_fp8,
     "quantize_int8": quantize_int8,
+    "cast_bf16": cast_bf16,
+    "emulate_bf16": emulate_bf16,
 }
 
 
@@ -42,3 +47,38 @@ def add_counts(totals: dict[str, int], counts: dict[str, int]) -> dict[str, int]
     for key, n in counts.items():
         totals[key] = totals.get(key, 0) + n
     return totals
+
+
+def bf16_bundle(bundle: Any, runtime: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    """--precision bf16 on a staged fp32 bundle: `cast_bf16` every walk, gated end to end on the
+    cpu engines through `emulate_bf16` (onnxruntime's CPU provider has no bf16 GEMMs). Returns the
+    manifest's check entry (worst agreement of every output vs the fp32 chain on held-out inputs)
+    and the pass counts summed over walks; the bundle's walks are left bf16."""
+    from walkforge.compiler.calibrate import save_model
+    from walkforge.compiler.check import agreement, worst
+    from walkforge.compiler.export import op_counts
+    from walkforge.compiler.quantize import HELD_OUT_SEEDS
+    from walkforge.recipes.inputs import example_inputs
+
+    held_out = [example_inputs(bundle, batch=2, seed=s) for s in HELD_OUT_SEEDS]
+    runner = runtime.load(bundle, "cpu", spinning=False)
+    reference = [runner.run(dict(sample)) for sample in held_out]
+    del runner  # its sessions read the fp32 files about to be rewritten
+    paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
+    totals: dict[str, int] = {}
+    bf16 = {}
+    for name, path in paths.items():
+        bf16[name], counts = run_pass("cast_bf16", onnx.load(str(path)))
+        add_counts(totals, counts)
+        emulated = onnx.ModelProto()
+        emulated.CopyFrom(bf16[name])
+        save_model(run_pass("emulate_bf16", emulated)[0], path)
+    runner = runtime.load(bundle, "cpu", spinning=False)
+    e2e = worst([agreement(got[k], want[k]) for sample, want in zip(held_out, reference, strict=True)
+                 for got in [runner.run(dict(sample))] for k in want]).to_json()
+    del runner
+    for name, path in paths.items():
+        save_model(bf16[name], path)
+        bundle.manifest["walks"][name]["ops"] = op_counts(bf16[name])
+    return {"dtype": "bf16", "check": "cpu engines, bf16 GEMMs emulated (graphs/bf16.emulate_bf16)",
+            "samples": len(held_out), "end_to_end": e2e}, totals

@@ -9,40 +9,43 @@ bundle only after `package` succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import logging
+import shutil
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import walkforge
 from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
 from walkforge.artifacts.space import check_free_space, disk_full_reason, expected_bytes, is_disk_full
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import OPSET, export_walk, op_counts
-from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, check_archs, plugin_ops
+from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, check_archs, fp8_warning, plugin_ops
 from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime
+from walkforge.compiler.weights_file import write_safetensors
 from walkforge.errors import CompileError, WalkforgeError
 from walkforge.graphs.walk import GraphNode
 from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.progress import Progress
 from walkforge.recipes import Recipe, get_recipe
 from walkforge.recipes.configs import from_dict, load_overrides, to_dict
-from walkforge.recipes.weights import fingerprint, load_strict
+from walkforge.recipes.weights import match_strict
 
 log = logging.getLogger(__name__)
 CHECK_REL_TOL = 1e-3  # fp32 ONNX vs torch, relative to output scale: catches broken exports
 WEIGHTS_FILE = "weights/model.safetensors"
-PRECISIONS = ("fp32", "fp8", "int8")
+PRECISIONS = ("fp32", "fp8", "int8", "bf16")
 KV_DTYPES = ("fp32", "fp8")
 WEIGHTS_VARIANTS = ("fp16", "bf16")
 
@@ -63,6 +66,7 @@ class CompileRequest:
     seed: int = 0
     force: bool = False
     precision: str = "fp32"  # "fp32" | "fp8" | "int8" (E4M3 / INT8 Q/DQ on GEMM/conv inputs and weights)
+    # | "bf16" (bf16 weights and GEMM math, graphs/bf16.py)
     calib_samples: int = 8
     calib_data: Path | None = None
     calib_method: str = "max"  # "max" | "percentile"
@@ -74,6 +78,8 @@ class CompileRequest:
     kv_dtype: str = "fp32"  # "fp32" | "fp8" (E4M3 page pool, per-layer K/V scales; any precision)
     weights_variant: str | None = None  # checkpoint weights file variant (diffusers' `variant=`)
     walks: tuple[str, ...] = ()  # walks to compile where the recipe offers a choice (vae: decode,encode)
+    tokenizer: Path | None = None  # a local tokenizer folder bundled for text prompts (pi0, pi05)
+    reference_weights: bool = True  # False (--no-reference-weights): no WEIGHTS_FILE in the bundle
 
     def __post_init__(self) -> None:
         from walkforge.compiler.calibrate import METHODS
@@ -113,8 +119,9 @@ class Job:
 
 
 def load(job: Job) -> dict[str, int]:
-    """Build the model with its weights, write them to WEIGHTS_FILE, then let the model go:
-    later stages read weights from that file, one walk or one tensor at a time."""
+    """Write the model's weights to WEIGHTS_FILE one tensor at a time (`weights_source`: from the
+    memory-mapped checkpoint, or a random model): later stages read weights from that file, one
+    walk or one tensor at a time. A full-size pi0 compiles within 10 GiB of RSS this way."""
     req = job.request
     job.recipe = get_recipe(req.recipe)
     overrides = load_overrides(req.config_file) if req.config_file is not None else {}
@@ -126,30 +133,80 @@ def load(job: Job) -> dict[str, int]:
         read = job.recipe.read_checkpoint(Path(req.checkpoint), overrides, **variant)
         job.cfg, tensors = read
         job.manifest |= getattr(read, "manifest", {})  # recipe entries, e.g. the vae's scaling
+        files = dict(getattr(read, "files", {}))  # e.g. pi0's policy/stats.safetensors
     else:
         job.cfg = from_dict(job.recipe.config, overrides, job.recipe.variant(req.variant or "tiny"))
         tensors = None
-    torch.manual_seed(req.seed)
-    model = build_model(job.recipe, job.cfg, req.walks).eval()
-    counts = {"parameters": sum(p.numel() for p in model.parameters())}
-    if tensors is not None:
-        counts |= load_strict(model, tensors, job.recipe.key_map)
-    del tensors
-    state = model.state_dict()
-    job.need = expected_bytes(sum(t.numel() * t.element_size() for t in state.values()))
+        job.manifest |= job.recipe.variant_manifest(job.cfg)  # e.g. pi0's default "policy" entry
+        files = {}
+    if req.tokenizer is not None:
+        files |= bundle_tokenizer(job, Path(req.tokenizer))
+    specs, tensor_of, counts = weights_source(job, tensors)
+    job.need = expected_bytes(sum(t.numel() * t.element_size() for t in specs.values()))
     check_free_space(job.stage_dir, Path(req.out), job.need)
     (job.stage_dir / WEIGHTS_FILE).parent.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(job.stage_dir / WEIGHTS_FILE))
+    weights_fingerprint = write_safetensors(job.stage_dir / WEIGHTS_FILE, specs, tensor_of)
+    del tensors, tensor_of  # the checkpoint's memory map (or the random model) goes here
+    write_extra_files(job.stage_dir, files)
     source = ({"source": "checkpoint", "path": str(req.checkpoint)} if req.checkpoint is not None
               else {"source": "random", "seed": req.seed})
     job.manifest |= {
         "recipe": job.recipe.name, "variant": req.variant or ("tiny" if req.checkpoint is None else None),
         "config": to_dict(job.cfg),
-        "weights": {"fingerprint": fingerprint(state), "file": WEIGHTS_FILE, **source, **counts},
+        "weights": {"fingerprint": weights_fingerprint, "file": WEIGHTS_FILE, **source, **counts},
         "front": job.recipe.front,  # the runtime resolves it; it never imports recipes
         "dim_ranges": {k: list(v) for k, v in job.recipe.trt_dims(job.cfg).items()},  # TensorRT ranges
     }
     return counts
+
+
+def weights_source(job: Job, tensors: Mapping[str, torch.Tensor] | None
+                   ) -> tuple[dict[str, torch.Tensor], Callable[[str], torch.Tensor], dict[str, int]]:
+    """(the model's state dict on the meta device, name → its tensor, counts) for WEIGHTS_FILE.
+
+    From a checkpoint nothing is built: the keys are matched against a meta-device model
+    (recipes.weights.match_strict) and each tensor is converted to the model's dtype only when
+    the writer asks for it, so a bf16 checkpoint (memory-mapped) never exists as a whole fp32
+    copy. Random weights need the model built for real (its initialisers), once."""
+    req = job.request
+    model = skeleton(job.recipe, job.cfg, req.walks)
+    specs, counts = model.state_dict(), {"parameters": sum(p.numel() for p in model.parameters())}
+    if tensors is not None:
+        pairs, matched = match_strict(specs, tensors, job.recipe.key_map)
+        return specs, lambda name: tensors[pairs[name]].to(specs[name].dtype), counts | matched
+    torch.manual_seed(req.seed)
+    state = build_model(job.recipe, job.cfg, req.walks).eval().state_dict()
+    return specs, state.pop, counts  # pop: each tensor is freed once written
+
+
+def bundle_tokenizer(job: Job, folder: Path) -> dict[str, bytes | Path]:
+    """`--tokenizer`: the recipe checks the folder and says where its files go (its manifest
+    entries are merged in); a recipe without text refuses it."""
+    if job.recipe.tokenizer is None:
+        raise WalkforgeError(f"--tokenizer: recipe '{job.recipe.name}' takes no text prompt")
+    entries, files = job.recipe.tokenizer(job.manifest, folder, job.cfg)
+    job.manifest |= entries
+    return files
+
+
+def write_extra_files(stage_dir: Path, files: dict[str, bytes | Path]) -> int:
+    """Write a recipe's extra bundle files (relative path → bytes, or a file to copy) into the
+    staging dir, where the manifest's file table hashes them; return how many."""
+    for rel, data in files.items():
+        path = PurePosixPath(rel)
+        if (path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] == "weights"
+                or rel == "manifest.json"):
+            raise WalkforgeError(f"bundle file '{rel}': must be a relative path inside the bundle, "
+                                 "outside weights/ and not the manifest")
+        target = stage_dir.joinpath(*path.parts)
+        if target.exists():
+            raise WalkforgeError(f"bundle file '{rel}' is given twice")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            target.write_bytes(data)
+        else:
+            shutil.copyfile(data, target)
+    return len(files)
 
 
 def build_model(recipe: Recipe, cfg: Any, walks: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -306,6 +363,8 @@ def calibrate(job: Job) -> dict[str, int]:
     if req.precision == "fp32":
         return {}
     bundle = Bundle(job.stage_dir, job.manifest)
+    if req.precision == "bf16":
+        return _bf16(job, bundle)
     samples = [] if req.reuse_calibration else calibration_samples(
         bundle, req.calib_data, req.calib_samples, req.seed)
     opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
@@ -319,12 +378,27 @@ def calibrate(job: Job) -> dict[str, int]:
     return counts | {"excluded": len(excluded)}
 
 
+def _bf16(job: Job, bundle: Bundle) -> dict[str, int]:
+    """--precision bf16: no calibration; bf16 GEMM weights and math, checked end to end on CPU."""
+    from walkforge.compiler.passes import bf16_bundle
+
+    entry, counts = bf16_bundle(bundle, job.runtime)
+    job.manifest["precision"] |= {"weights": "bf16", "activations": "bf16", "bf16_check": entry}
+    e2e = entry["end_to_end"]
+    job.progress.say(f"bf16 vs fp32 end to end (bf16 GEMMs emulated on CPU): cosine {e2e['cosine']:.6f}, "
+                     f"rel err {e2e['rel']:.2e}")
+    return counts
+
+
 def kernels(job: Job) -> dict[str, int]:
     """AOT-compile the plugin kernels the walks use, for every requested GPU architecture."""
     ops = plugin_ops(job.manifest["walks"])
     if not ops or not job.request.gpu_archs:
         return {}
     pool = "float8_e4m3fn" if job.request.kv_dtype == "fp8" else "float32"
+    if warning := fp8_warning(job.request.gpu_archs, job.request.kv_dtype, job.request.precision):
+        job.progress.say(f"warning: {warning}")
+        log.warning("%s", warning)
     records = build_kernels(job.stage_dir, job.request.gpu_archs,
                             {**job.recipe.kernel_shapes(job.cfg), "pool_dtype": pool})
     job.manifest["kernels"] = records
@@ -348,9 +422,24 @@ def trt_lint(job: Job) -> dict[str, int]:
 
 
 def package(job: Job) -> dict[str, int]:
+    """Write the manifest with its file table. `--no-reference-weights`: first drop the staged
+    WEIGHTS_FILE, which the compile's own checks have used by now; the bundle then carries its
+    weights once, in the engines' external data, and the torch backends refuse it."""
+    if not job.request.reference_weights:
+        drop_reference_weights(job.stage_dir, job.manifest)
     job.manifest = write_manifest(job.stage_dir, job.manifest)
     return {"files": len(job.manifest["files"]),
             "bytes": sum(f["size"] for f in job.manifest["files"].values())}
+
+
+def drop_reference_weights(stage_dir: Path, manifest: dict[str, Any]) -> None:
+    """Remove WEIGHTS_FILE (and its folder when empty) and record the bundle as a deployment one:
+    `weights` keeps its fingerprint and counts, loses `file`, gains `reference: false`."""
+    path = stage_dir / WEIGHTS_FILE
+    path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+    manifest["weights"] = {k: v for k, v in manifest["weights"].items() if k != "file"} | {"reference": False}
 
 
 STAGES = (("load", load), ("trace", trace), ("passes", passes), ("check", check), ("build", build),

@@ -25,6 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from walkforge.plugins.arch import min_driver
 from walkforge.plugins.constants import FP8_KERNEL_SUFFIX, PAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def kernel_name(fn_name: str, pool_dtype: str = "float32") -> str:
 
 def parse_arch(arch: str) -> int:
     """'sm_90' -> 90."""
-    match = re.fullmatch(r"sm_(\d+)a?", arch)
+    match = re.fullmatch(r"sm_(\d+)[af]?", arch)
     if match is None:
         raise ValueError(f"bad CUDA arch {arch!r}; expected e.g. 'sm_90'")
     return int(match.group(1))
@@ -141,6 +142,14 @@ def ptx_isa(ptx: str) -> str:
     match = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, re.MULTILINE)
     if match is None:
         raise ValueError("PTX has no .version directive")
+    return match.group(1)
+
+
+def ptx_target(ptx: str) -> str:
+    """The `.target` directive of a PTX text, e.g. 'sm_90a' (Triton compiles sm_90+ arch-specific)."""
+    match = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    if match is None:
+        raise ValueError("PTX has no .target directive")
     return match.group(1)
 
 
@@ -210,6 +219,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: 
         "cubin": cubin,
         "ptx": ptx,
         "ptx_isa": ptx_isa(ptx),
+        "ptx_target": ptx_target(ptx),
+        "ptx_min_driver": min_driver(ptx_isa(ptx)),
         "triton_version": triton.__version__,
         "sha256": hashlib.sha256(cubin).hexdigest(),
         "signature": dict(signature),
@@ -220,7 +231,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: str, num_warps: 
 
 
 def compile_kernels(
-    archs: Sequence[str] = ("sm_80", "sm_89", "sm_90"),
+    archs: Sequence[str] = ("sm_80", "sm_89", "sm_90"),  # the tests' set; the CLI's is kernels.DEFAULT_ARCHS
     *,
     num_heads: int = 8,
     kv_heads: int = 1,

@@ -128,13 +128,19 @@ def arity(module: ModuleType) -> tuple[int, int, int]:
 def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch: str) -> dict[str, str]:
     """Register the AOT TensorRT plugin of every walkforge op the bundle uses, for `arch` ('sm_90').
 
+    Each op gets the PTX that JITs on this device and driver (`arch.select_kernel`: TensorRT takes
+    PTX only); an FP8-pool bundle on a GPU before sm_89 is refused in one line (`arch.check_fp8`).
     Call before parsing. Returns op -> "aot" or "onnx-function (<why>)" (TensorRT inlines the
     op's ONNX body when no plugin is registered). Raises WalkforgeError if this process already
     registered a different kernel under the same plugin id (registration cannot be undone).
     """
     from walkforge.plugins import _OP_MODULES, _ops
     from walkforge.plugins.aot import kernel_name
+    from walkforge.plugins.arch import Target, check_fp8, driver_cuda_version, select_kernel
 
+    cc, device, driver = Target.parse(arch).cc, "this GPU", driver_cuda_version()
+    if pool_dtype(manifest) != "float32":
+        check_fp8(cc, device)
     status = {}
     used = ops_used(bundle_root, manifest)
     ops = _ops() if set(used) & set(_OP_MODULES) else {}  # the op modules import torch and Triton
@@ -144,7 +150,7 @@ def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch:
             continue
         try:
             kernel = kernel_name(ops[op].AOT.name, pool_dtype(manifest))
-            record = kernel_record(manifest.get("kernels", []), kernel, arch)
+            record = select_kernel(manifest.get("kernels", []), kernel, cc, driver, device, ("ptx",)).record
             check_abi(record, *arity(ops[op]))
             ptx = read_ptx(bundle_root, record)
         except WalkforgeError as exc:

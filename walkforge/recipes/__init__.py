@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from walkforge.errors import WalkforgeError
-from walkforge.recipes.configs import did_you_mean
+from walkforge.errors import WalkforgeError, did_you_mean
 from walkforge.recipes.recipe import Recipe
 
 # name → the package that exposes its RECIPE; one line per recipe.
@@ -15,6 +14,7 @@ RECIPES = {
     "vae": "walkforge.recipes.vae",
     "pi0": "walkforge.recipes.pi0",
     "pi05": "walkforge.recipes.pi05",
+    "bagel": "walkforge.recipes.bagel",
 }
 
 __all__ = ["RECIPES", "Recipe", "get_recipe"]

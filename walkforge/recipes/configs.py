@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from walkforge.errors import WalkforgeError
+from walkforge.errors import WalkforgeError, did_you_mean
 
 C = TypeVar("C")
-
-
-def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from walkforge.artifacts.bundle import Bundle
-from walkforge.errors import WalkforgeError
+from walkforge.errors import WalkforgeError, did_you_mean
 from walkforge.recipes import get_recipe
-from walkforge.recipes.configs import did_you_mean, from_dict
+from walkforge.recipes.configs import from_dict
 
 
 def example_inputs(bundle: Bundle, batch: int = 1, seed: int = 0, **dims: Any) -> dict[str, np.ndarray]:

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from walkforge.errors import WalkforgeError
+from walkforge.errors import WalkforgeError, did_you_mean
 from walkforge.graphs.walk import Sequential
-from walkforge.recipes.configs import did_you_mean
 from walkforge.recipes.weights import KeyMap
 
 # fake_inputs' own parameters; any others are the recipe's input sizes (vae: height, width).
@@ -26,6 +25,11 @@ _FAKE_INPUT_PARAMS = ("cfg", "batch", "seed")
 
 def no_kernels(cfg: Any) -> dict[str, int]:
     """`kernel_shapes` of a recipe whose walks use no plugin kernel."""
+    return {}
+
+
+def no_manifest(cfg: Any) -> dict[str, Any]:
+    """`variant_manifest` of a recipe whose random-weights bundles carry no recipe entries."""
     return {}
 
 
@@ -51,6 +55,10 @@ class Recipe:
     precisions      what `walkforge regress` compiles the tiny variant at
     trt_dims        cfg → TensorRT (min, opt, max) of symbolic dims other than batch and the KV pages
     kernel_shapes   cfg → what the plugin kernels are specialised to when compiled ahead of time
+    variant_manifest  cfg → manifest entries of a compile without a checkpoint (pi0: the default
+                    "policy" entry a LeRobot folder's reader writes from its config)
+    tokenizer       (manifest entries so far, --tokenizer folder, cfg) → (manifest entries, extra
+                    bundle files): the folder checked and bundled; None: the recipe takes no text
     """
 
     name: str
@@ -65,6 +73,8 @@ class Recipe:
     precisions: tuple[str, ...] = ("fp32",)
     trt_dims: Callable[[Any], Mapping[str, tuple[int, int, int]]] = no_dims
     kernel_shapes: Callable[[Any], dict[str, int]] = no_kernels
+    variant_manifest: Callable[[Any], dict[str, Any]] = no_manifest
+    tokenizer: Callable[[Mapping[str, Any], Path, Any], tuple[dict[str, Any], dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if not is_dataclass(self.config):

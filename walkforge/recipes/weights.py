@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -68,13 +69,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 class CheckpointRead(tuple):
     """What a recipe's `read_checkpoint` may return instead of a plain `(cfg, tensors)` pair: the
     same pair (it unpacks as one) plus `manifest`, entries the compiler adds to the bundle's
-    manifest as they are (vae: the checkpoint's scaling factors)."""
+    manifest as they are (vae: the checkpoint's scaling factors), and `files`, extra bundle files
+    by relative bundle path (pi0: `policy/stats.safetensors`) as bytes or a file to copy; the
+    compiler writes them beside the weights, so the manifest's file table hashes them."""
 
     manifest: dict
+    files: dict[str, bytes | Path]
 
-    def __new__(cls, cfg: object, tensors: dict[str, torch.Tensor], manifest: dict) -> CheckpointRead:
+    def __new__(cls, cfg: object, tensors: dict[str, torch.Tensor], manifest: dict,
+                files: Mapping[str, bytes | Path] | None = None) -> CheckpointRead:
         read = super().__new__(cls, (cfg, tensors))
         read.manifest = manifest
+        read.files = dict(files or {})
         return read
 
 
@@ -111,11 +117,13 @@ def read_safetensors_shards(index: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
-                keymap: KeyMap) -> dict[str, int]:
-    """Load `tensors` into `module` through `keymap`; return counts (loaded, ignored)."""
-    wanted = module.state_dict()
-    state: dict[str, torch.Tensor] = {}
+def match_strict(wanted: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                 keymap: KeyMap) -> tuple[dict[str, str], dict[str, int]]:
+    """Check `tensors` against a module's state dict `wanted` (meta tensors are enough) through
+    `keymap`, reading no tensor data: every checkpoint tensor maps to a module key of the same
+    shape or is ignored, and every module key is filled. Returns (module key → checkpoint key,
+    counts loaded/ignored)."""
+    pairs: dict[str, str] = {}
     ignored = 0
     for ckpt_key in sorted(tensors):
         tensor = tensors[ckpt_key]
@@ -134,24 +142,40 @@ def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
                 f"checkpoint tensor '{ckpt_key}' has shape {list(tensor.shape)}, "
                 f"the model expects {list(target.shape)}"
             )
-        state[module_key] = tensor.to(target.dtype)
-    missing = [k for k in wanted if k not in state]
+        pairs[module_key] = ckpt_key
+    missing = [k for k in wanted if k not in pairs]
     if missing:
         first = missing[0]
         raise WalkforgeError(
             f"checkpoint is missing '{keymap.to_checkpoint(first)}' "
             f"{list(wanted[first].shape)}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
         )
-    module.load_state_dict(state, strict=True)
-    log.info("loaded %d tensors, ignored %d", len(state), ignored)
-    return {"loaded": len(state), "ignored": ignored}
+    log.info("matched %d tensors, ignored %d", len(pairs), ignored)
+    return pairs, {"loaded": len(pairs), "ignored": ignored}
+
+
+def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                keymap: KeyMap) -> dict[str, int]:
+    """Load `tensors` into `module` through `keymap` (checked by `match_strict`); return counts
+    (loaded, ignored)."""
+    wanted = module.state_dict()
+    pairs, counts = match_strict(wanted, tensors, keymap)
+    module.load_state_dict({k: tensors[c].to(wanted[k].dtype) for k, c in pairs.items()}, strict=True)
+    return counts
 
 
 def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict, in key order."""
     h = hashlib.sha256()
     for key in sorted(state):
-        t = state[key].detach().contiguous().cpu()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        fingerprint_update(h, key, state[key])
     return "sha256:" + h.hexdigest()
+
+
+def fingerprint_update(h: Any, key: str, tensor: torch.Tensor) -> None:
+    """Add one state-dict entry to a `fingerprint` hash (a writer that streams tensors in key
+    order computes the same fingerprint without holding the state dict)."""
+    t = tensor.detach().contiguous().cpu()
+    h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())

@@ -38,7 +38,19 @@ def euler(step: int, count: int, batch: int) -> dict[str, np.ndarray]:
             "dt": np.array([dt], dtype=np.float32)}
 
 
-SCHEDULES = {"euler": euler}
+def shifted_euler(step: int, count: int, batch: int, timestep_shift: float = 1.0) -> dict[str, np.ndarray]:
+    """BAGEL's schedule: N = count + 1 timesteps u_k = linspace(1, 0, N), shifted
+    t_k = s·u_k / (1 + (s − 1)·u_k) with s = `timestep_shift` (a run setting); step k evaluates t_k
+    and moves by dt = t_{k+1} − t_k < 0 (x ← x + dt·v). fp32, as BAGEL computes it."""
+    u = np.linspace(1.0, 0.0, count + 1, dtype=np.float32)[step : step + 2]
+    s = np.float32(timestep_shift)
+    t = s * u / (np.float32(1.0) + (s - np.float32(1.0)) * u)
+    return {"t": np.full((batch,), t[0], dtype=np.float32), "dt": np.array([t[1] - t[0]], dtype=np.float32)}
+
+
+SCHEDULES = {"euler": euler, "shifted_euler": shifted_euler}
+SCHEDULE_SETTINGS = {"shifted_euler": ("timestep_shift",)}
+"""The run settings a schedule takes as keywords besides (step, count, batch)."""
 
 
 def pool_writer(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -138,10 +150,11 @@ class Chain:
         if count < 1:
             raise WalkforgeError(f"{loop['count']} must be ≥ 1, got {count}")
         schedule = SCHEDULES[loop["schedule"]] if loop["schedule"] else None
+        extra = {k: settings[k] for k in SCHEDULE_SETTINGS.get(loop["schedule"], ()) if k in settings}
         first = next(iter(loop["carry"].values()))
         for k in range(count):
             if schedule is not None:
-                env.update(schedule(k, count, batch_size(env[first])))
+                env.update(schedule(k, count, batch_size(env[first]), **extra))
             self._walk(loop["loop"], env)
             for out, inp in loop["carry"].items():
                 env[inp] = env[out]

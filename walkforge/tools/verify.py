@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from walkforge.artifacts.bundle import Bundle
+from walkforge.artifacts.bundle import Bundle, require_reference_weights
 from walkforge.compiler.check import agreement, worst
 from walkforge.recipes.inputs import example_inputs
 from walkforge.runtimes import load
@@ -22,8 +22,10 @@ def verify(bundle: Bundle, backend: str = "cpu", batch: int = 2, seed: int = 123
     """Run held-out inputs (another seed than compile's examples) through `backend` and torch.
 
     Per-walk numbers feed each engine the torch reference's own inputs, so errors do not
-    compound; end-to-end numbers compare the final outputs.
+    compound; end-to-end numbers compare the final outputs. A deployment bundle (no reference
+    weights) is refused in one line: `integrity` is what can be checked of it.
     """
+    require_reference_weights(bundle, "verify (it compares the engines with torch)")
     feeds = example_inputs(bundle, batch=batch, seed=seed, **dims)
     engine_run = load(bundle, backend, threads=threads, spinning=False)
     torch_run = load(bundle, "torch", threads=threads)
@@ -61,3 +63,12 @@ def _as_engine_inputs(engine: Any, env: dict[str, np.ndarray]) -> dict[str, np.n
         if spec.dtype == "float8_e4m3fn" and feeds[spec.name].dtype == np.float32:
             feeds[spec.name] = encode_pool(feeds[spec.name], env["kv_scales"])
     return feeds
+
+
+def integrity(root: Any, digest: str | None = None) -> dict[str, Any]:
+    """Re-hash every file of the bundle at `root` against its manifest, stamps ignored (and
+    renewed): what `walkforge verify --integrity` reports. Raises on the first bad file."""
+    bundle = Bundle.open(root, digest=digest, integrity=True)
+    files = bundle.manifest["files"]
+    return {"bundle": str(bundle.root), "digest": bundle.digest, "kind": bundle.kind,
+            "files": bundle.hashed, "bytes": sum(f["size"] for f in files.values()), "ok": True}

@@ -51,6 +51,12 @@ class GemmaConfig:
     cond_dim: int = 0
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) over the last dim, in fp32 (the part Gemma's and Qwen2's RMSNorm share)."""
+    h = x.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """Gemma RMSNorm: x / rms(x) * (1 + w), computed in fp32 and cast back.
 
@@ -67,8 +73,7 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = rms_normalize(x, self.eps)
         if cond is None:
             return (h * (1.0 + self.weight.float())).type_as(x)
         scale, shift, _ = self.modulation(cond)
@@ -159,7 +164,7 @@ def apply_rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> tor
     return x * cos + _rotate_half(x) * sin
 
 
-def _heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
     # [B, S, n * Dh] -> [B, n, S, Dh]
     return x.reshape(x.shape[0], x.shape[1], n, head_dim).transpose(1, 2)
 
@@ -173,9 +178,9 @@ def layer_qkv(layer: GemmaLayer, x: torch.Tensor, table: tuple[torch.Tensor, tor
     """
     cfg, attn = layer.cfg, layer.self_attn
     h = layer.input_layernorm(x, cond)
-    q = apply_rope(_heads(attn.q_proj(h), cfg.heads, cfg.head_dim), table)
-    k = apply_rope(_heads(attn.k_proj(h), cfg.kv_heads, cfg.head_dim), table)
-    v = _heads(attn.v_proj(h), cfg.kv_heads, cfg.head_dim)
+    q = apply_rope(split_heads(attn.q_proj(h), cfg.heads, cfg.head_dim), table)
+    k = apply_rope(split_heads(attn.k_proj(h), cfg.kv_heads, cfg.head_dim), table)
+    v = split_heads(attn.v_proj(h), cfg.kv_heads, cfg.head_dim)
     return q, k, v
 
 

@@ -4,10 +4,12 @@ config.py      Pi0Config and its variants
 model.py       the modules, the attention rule, the caches and the eager `sample_actions`
 walks.py       vision → prefill → Loop(denoise), fake inputs, kernel shapes
 checkpoint.py  LeRobot's key map and folder reader
+(the manifest's "policy" entry — cameras, dims, normalisation, stats, tokenizer — is recipes/lerobot.py)
 """
 
 from __future__ import annotations
 
+from walkforge.recipes import lerobot
 from walkforge.recipes.pi0 import checkpoint, config, model, walks
 from walkforge.recipes.recipe import Recipe
 
@@ -26,4 +28,6 @@ RECIPE = Recipe(
     # each at 224 px) and prompt tokens (≤ max_prompt_len) are dynamic, the front compacts them
     trt_dims=walks.trt_dims,
     kernel_shapes=walks.kernel_shapes,
+    variant_manifest=lerobot.pi0_variant_manifest,
+    tokenizer=lerobot.bundle_tokenizer,
 )

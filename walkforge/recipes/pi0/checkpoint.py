@@ -1,11 +1,15 @@
 """LeRobot pi0 checkpoints: the key map onto Pi0Model, and reading a folder (config.json +
-model.safetensors). pi0.5's reader (recipes/pi05/checkpoint.py) uses the same size inference.
+model.safetensors; the robot side, processors and stats in recipes/lerobot.py). pi0.5's
+reader (recipes/pi05/checkpoint.py) uses the same size inference.
 
-LeRobot's config.json names the horizon, prompt length, steps and cameras but not the model
-sizes; those are inferred from tensor shapes. Head counts and head sizes appear in no shape,
-so `--config` overrides are applied first: a `heads` or `head_dim` they give fixes the split of
-the projection widths. Otherwise they come from a known variant whose other sizes match, else
-from the pi0 defaults (SigLIP 72 per head, Gemma head_dim 256) when they divide.
+LeRobot's config.json names the horizon, prompt length, steps and cameras, and the Gemma sizes
+only as `paligemma_variant` / `action_expert_variant` (gemma_2b, gemma_300m). Those apply where
+the tensors have the variant's width; otherwise sizes come from tensor shapes. Head counts and
+head sizes appear in no shape, so `--config` overrides are applied first: a `heads` or `head_dim`
+they give fixes the split of the projection widths. Otherwise the split comes from the named
+variant, else a known walkforge variant whose other sizes match, else from the pi0 defaults
+(SigLIP 72 per head, Gemma head_dim 256) when they divide. A variant or override that disagrees
+with the tensors is a one-line error naming the field and both values.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from walkforge.errors import WalkforgeError
 from walkforge.recipes.blocks.gemma import GemmaConfig
 from walkforge.recipes.blocks.siglip import SiglipConfig
 from walkforge.recipes.configs import from_dict, to_dict
-from walkforge.recipes.pi0.config import ACTION_HEADS, VARIANTS, Pi0Config
-from walkforge.recipes.weights import KeyMap, read_safetensors
+from walkforge.recipes.lerobot import lerobot_cameras, lerobot_policy
+from walkforge.recipes.pi0.config import ACTION_HEADS, LEROBOT_GEMMA, VARIANTS, Pi0Config
+from walkforge.recipes.weights import CheckpointRead, KeyMap, read_weights
 
 PG = "model.paligemma_with_expert."
 VIS = PG + "paligemma.model.vision_tower.vision_model."
@@ -34,6 +39,9 @@ EXP = PG + "gemma_expert.model."
 PALIGEMMA_PREFIXES = ((VIS, "vision."), (PG + "paligemma.model.multi_modal_projector.linear.", "projector."),
                       (LLM, "llm."), (EXP, "expert."))
 LM_HEADS = (r"(^|\.)lm_head\.weight$",)  # the VLM's and the expert's lm_heads never make actions
+
+BLOCK_PREFIX = {"llm": LLM, "expert": EXP}
+VARIANT_FIELDS = {"llm": "paligemma_variant", "expert": "action_expert_variant"}  # config.json's names
 
 KEY_MAP = KeyMap(
     prefixes=(*PALIGEMMA_PREFIXES, *((f"model.{h}.", f"{h}.") for h in ACTION_HEADS)),
@@ -72,30 +80,100 @@ def _head_dim(q_out: int, given: Mapping[str, Any], same: list[GemmaConfig]) -> 
     return same[0].head_dim if same else 256
 
 
-def _infer_gemma(t: Mapping[str, torch.Tensor], prefix: str, vocab: int, given: Mapping[str, Any],
-                 known: list[GemmaConfig]) -> GemmaConfig:
-    """Sizes from shapes, adaRMS when the norms have a `dense`; the head split as `_head_dim` says."""
+def _named_variant(meta: Mapping[str, Any], block: str, width: int) -> tuple[str, GemmaConfig] | None:
+    """The LeRobot variant config.json names for `block` with where it was said, when the tensors
+    have its width; a folder of other sizes (a tiny or custom one) is read from shapes alone."""
+    field = VARIANT_FIELDS[block]
+    name = meta.get(field)
+    if name is None:
+        return None
+    if name not in LEROBOT_GEMMA:
+        raise WalkforgeError(f"config.json {field} is '{name}': one of {', '.join(LEROBOT_GEMMA)}")
+    variant = LEROBOT_GEMMA[name]
+    return (f"config.json {field} {name}", variant) if variant.width == width else None
+
+
+def _disagree(block: str, field: str, said_by: str, said: Any, has: Any) -> WalkforgeError:
+    return WalkforgeError(f"{block}.{field}: {said_by} says {said} but the tensors give {has}")
+
+
+def _check_named(block: str, named: tuple[str, GemmaConfig], given: Mapping[str, Any],
+                 has: Mapping[str, int]) -> None:
+    """The named LeRobot variant's sizes against the tensors', before any head split; a field the
+    overrides give replaces the variant's (one of heads, kv_heads, head_dim: the widths too)."""
+    said_by, v = named
+    said = {"layers": v.layers, "mlp": v.mlp, "heads × head_dim": v.heads * v.head_dim,
+            "kv_heads × head_dim": v.kv_heads * v.head_dim, "vocab": v.vocab}
+    split = bool({"heads", "kv_heads", "head_dim"} & set(given))
+    for field, value in said.items():
+        skip = field in given or (split and "×" in field) or (field == "vocab" and not has["vocab"])
+        if not skip and value != has[field]:
+            raise _disagree(block, field, said_by, value, has[field])
+
+
+def _check_gemma(block: str, cfg: GemmaConfig, shapes: GemmaConfig, said_by: str) -> None:
+    """`cfg` (the overrides applied) against the sizes read from the tensors; the projection
+    widths are heads × head_dim."""
+    pairs = {f: (getattr(cfg, f), getattr(shapes, f)) for f in ("width", "layers", "mlp", "cond_dim")}
+    if cfg.vocab or shapes.vocab:
+        pairs["vocab"] = (cfg.vocab, shapes.vocab)
+    pairs["heads × head_dim"] = (cfg.heads * cfg.head_dim, shapes.heads * shapes.head_dim)
+    pairs["kv_heads × head_dim"] = (cfg.kv_heads * cfg.head_dim, shapes.kv_heads * shapes.head_dim)
+    pairs |= {f: (getattr(cfg, f), getattr(shapes, f)) for f in ("heads", "kv_heads", "head_dim")}
+    for field, (said, has) in pairs.items():
+        if said != has:
+            raise _disagree(block, field, said_by, said, has)
+
+
+def _infer_gemma(t: Mapping[str, torch.Tensor], block: str, vocab: int, given: Mapping[str, Any],
+                 known: list[GemmaConfig], meta: Mapping[str, Any]) -> GemmaConfig:
+    """Sizes from shapes, adaRMS when the norms have a `dense`; the head split as `_head_dim` says,
+    from config.json's LeRobot variant when the tensors have its width. The variant (where no
+    override replaces a field) and the overrides must agree with the tensors."""
+    prefix = BLOCK_PREFIX[block]
     q_out, width = shape(t, prefix + "layers.0.self_attn.q_proj.weight")
     kv_out = shape(t, prefix + "layers.0.self_attn.k_proj.weight")[0]
     mlp = shape(t, prefix + "layers.0.mlp.gate_proj.weight")[0]
     dense = t.get(prefix + "layers.0.input_layernorm.dense.weight")
-    same = [g for g in known if (g.width, g.heads * g.head_dim, g.kv_heads * g.head_dim, g.mlp)
-            == (width, q_out, kv_out, mlp)]
+    named = _named_variant(meta, block, width)
+    if named:
+        _check_named(block, named, given, {"layers": _depth(t, prefix + "layers."), "mlp": mlp,
+                                           "heads × head_dim": q_out, "kv_heads × head_dim": kv_out,
+                                           "vocab": vocab})
+    sizes = (width, q_out, kv_out, mlp)
+    same = [named[1]] if named else [
+        g for g in known if (g.width, g.heads * g.head_dim, g.kv_heads * g.head_dim, g.mlp) == sizes]
     dh = _head_dim(q_out, given, same)
     if not dh or q_out % dh or kv_out % dh:
         raise WalkforgeError(f"cannot infer the head size of '{prefix}' (q {q_out}, kv {kv_out}"
                              f"{', given ' + json.dumps(dict(given)) if given else ''}): give heads and "
                              "head_dim that divide them in --config")
-    cfg = GemmaConfig(width, _depth(t, prefix + "layers."), q_out // dh, kv_out // dh, dh, mlp, vocab,
-                      cond_dim=0 if dense is None else dense.shape[1])
-    return from_dict(GemmaConfig, dict(given), cfg)
+    shapes = GemmaConfig(width, _depth(t, prefix + "layers."), q_out // dh, kv_out // dh, dh, mlp, vocab,
+                         cond_dim=0 if dense is None else dense.shape[1])
+    cfg = from_dict(GemmaConfig, dict(given), shapes)
+    _check_gemma(block, cfg, shapes, "--config")
+    return cfg
+
+
+def lerobot_weights(folder: Path, kind: str) -> dict[str, torch.Tensor]:
+    """model.safetensors (or its shards) and nothing else: the processor stats files beside it
+    are not weights. Keys get LeRobot's `model.` prefix where saved without it; the VLM's
+    `embed_tokens`, when saved only as the `lm_head` it is tied to, is taken from there."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in read_weights(folder, "model").items():
+        full = key if key.startswith("model.") else "model." + key
+        if full in tensors:
+            raise WalkforgeError(f"{folder}: '{key}' is saved both with and without the 'model.' prefix")
+        tensors[full] = tensor
+    if LLM + "embed_tokens.weight" not in tensors and PG + "paligemma.lm_head.weight" in tensors:
+        tensors[LLM + "embed_tokens.weight"] = tensors[PG + "paligemma.lm_head.weight"]
+    if not any(k.startswith(PG) for k in tensors):
+        raise WalkforgeError(f"{folder}/model.safetensors has no '{PG}*' tensors: not a LeRobot {kind} model")
+    return tensors
 
 
 def read_folder(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, tensors) of a LeRobot policy folder; `kind` (pi0, pi05) names it in errors.
-
-    LeRobot may save the VLM's `embed_tokens` only as the `lm_head` it is tied to: take it from there.
-    """
+    """(config.json, tensors) of a LeRobot policy folder; `kind` (pi0, pi05) names it in errors."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / "config.json").read_text())
@@ -103,10 +181,7 @@ def read_folder(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str, torc
         raise WalkforgeError(f"{folder}: no config.json (expected a LeRobot {kind} folder)") from None
     except json.JSONDecodeError as exc:
         raise WalkforgeError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
-    tensors = read_safetensors(folder)
-    if LLM + "embed_tokens.weight" not in tensors and PG + "paligemma.lm_head.weight" in tensors:
-        tensors[LLM + "embed_tokens.weight"] = tensors[PG + "paligemma.lm_head.weight"]
-    return meta, tensors
+    return meta, lerobot_weights(folder, kind)
 
 
 def lerobot_config(cls: type, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -117,15 +192,14 @@ def lerobot_config(cls: type, meta: Mapping[str, Any], tensors: Mapping[str, tor
     overrides win over everything."""
     known = list(known)
     given = {k: overrides.get(k) or {} for k in ("vision", "llm", "expert")}
-    features = meta.get("input_features") or {}
-    views = sum(1 for f in features.values() if f.get("type") == "VISUAL") + meta.get("empty_cameras", 0)
     blocks = {
         "vision": _infer_siglip(tensors, given["vision"], [v.vision for v in known]),
-        "llm": _infer_gemma(tensors, LLM, shape(tensors, LLM + "embed_tokens.weight")[0], given["llm"],
-                            [v.llm for v in known]),
-        "expert": _infer_gemma(tensors, EXP, 0, given["expert"], [v.expert for v in known]),
+        "llm": _infer_gemma(tensors, "llm", shape(tensors, LLM + "embed_tokens.weight")[0], given["llm"],
+                            [v.llm for v in known], meta),
+        "expert": _infer_gemma(tensors, "expert", 0, given["expert"], [v.expert for v in known], meta),
     }
-    data = {"num_views": views or 3, "max_prompt_len": meta.get("tokenizer_max_length", prompt_len),
+    data = {"num_views": len(lerobot_cameras(meta)) or 3,
+            "max_prompt_len": meta.get("tokenizer_max_length", prompt_len),
             "action_horizon": meta.get("chunk_size", 50),
             "num_steps": meta.get("num_inference_steps", meta.get("num_steps", 10)), **fields,
             **{k: v for k, v in overrides.items() if k not in blocks},
@@ -133,15 +207,20 @@ def lerobot_config(cls: type, meta: Mapping[str, Any], tensors: Mapping[str, tor
     return from_dict(cls, data)
 
 
-def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None
-                    ) -> tuple[Pi0Config, dict[str, torch.Tensor]]:
-    """Read a LeRobot pi0 folder (config.json + model.safetensors) → (config, tensors).
+def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None) -> CheckpointRead:
+    """Read a LeRobot pi0 folder → (config, tensors) with the manifest's "policy" entry and its
+    stats file (recipes/lerobot.py).
 
-    Sizes come from tensor shapes; horizon, prompt length, steps and cameras from config.json;
-    `overrides` (the `--config` JSON) are applied before any size is inferred, and win.
+    Sizes come from config.json's variants where the tensors have them, else from tensor shapes;
+    horizon, prompt length, steps and cameras from config.json; `overrides` (the `--config`
+    JSON) are applied before any size is inferred, and win.
     """
     meta, tensors = read_folder(folder, "pi0")
+    if meta.get("type", "pi0") != "pi0":
+        raise WalkforgeError(f"{folder}: a LeRobot '{meta['type']}' folder, not pi0 (compile it with the "
+                             f"{meta['type']} recipe)")
     cfg = lerobot_config(Pi0Config, meta, tensors, overrides or {}, VARIANTS.values(), 48,
                          action_dim=shape(tensors, "model.action_in_proj.weight")[1],
                          state_dim=shape(tensors, "model.state_proj.weight")[1])
-    return cfg, tensors
+    policy, files = lerobot_policy(Path(folder), meta, cfg, "pi0")
+    return CheckpointRead(cfg, tensors, {"policy": policy}, files)

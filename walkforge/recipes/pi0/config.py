@@ -65,3 +65,11 @@ VARIANTS: dict[str, Pi0Config] = {
         num_views=2, max_prompt_len=16,
     ),
 }
+
+# LeRobot's `paligemma_variant` / `action_expert_variant` names (its modeling_pi0 get_gemma_config);
+# pi0 and pi05 alike. The VLM's vocab is PaliGemma's; the expert's is unused.
+LEROBOT_GEMMA: dict[str, GemmaConfig] = {
+    "gemma_2b": GemmaConfig(width=2048, layers=18, heads=8, kv_heads=1, head_dim=256, mlp=16384,
+                            vocab=257152),
+    "gemma_300m": GemmaConfig(width=1024, layers=18, heads=8, kv_heads=1, head_dim=256, mlp=4096),
+}

@@ -9,6 +9,7 @@ checkpoint.py  LeRobot's pi05 key map and folder reader
 
 from __future__ import annotations
 
+from walkforge.recipes import lerobot
 from walkforge.recipes.pi05 import checkpoint, config, model, walks
 from walkforge.recipes.recipe import Recipe
 
@@ -24,4 +25,6 @@ RECIPE = Recipe(
     front="pi05",
     precisions=("fp32", "fp8"),
     kernel_shapes=walks.kernel_shapes,
+    variant_manifest=lerobot.pi05_variant_manifest,
+    tokenizer=lerobot.bundle_tokenizer,
 )

@@ -1,5 +1,5 @@
 """LeRobot pi05 checkpoints: the key map onto Pi05Model, and reading a folder (config.json +
-model.safetensors, 813 tensors at full size).
+model.safetensors, 813 tensors at full size; the policy entry as pi0's, recipes/lerobot.py).
 
 The layout is pi0's (the same VLM, projector and expert prefixes; sizes inferred the same way,
 `--config` overrides first — recipes/pi0/checkpoint.py) with these differences: no `state_proj`,
@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from walkforge.errors import WalkforgeError
+from walkforge.recipes.lerobot import lerobot_policy
 from walkforge.recipes.pi0.checkpoint import (
     EXP,
     LM_HEADS,
@@ -26,7 +25,7 @@ from walkforge.recipes.pi0.checkpoint import (
     shape,
 )
 from walkforge.recipes.pi05.config import ACTION_HEADS, VARIANTS, Pi05Config
-from walkforge.recipes.weights import KeyMap
+from walkforge.recipes.weights import CheckpointRead, KeyMap
 
 KEY_MAP = KeyMap(
     prefixes=(*PALIGEMMA_PREFIXES, *((f"model.{h}.", f"{h}.") for h in ACTION_HEADS)),
@@ -34,12 +33,13 @@ KEY_MAP = KeyMap(
 )
 
 
-def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None
-                    ) -> tuple[Pi05Config, dict[str, torch.Tensor]]:
-    """Read a LeRobot pi05 folder (config.json + model.safetensors) → (config, tensors).
+def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None) -> CheckpointRead:
+    """Read a LeRobot pi05 folder → (config, tensors) with the manifest's "policy" entry and its
+    stats file (recipes/lerobot.py).
 
-    Sizes come from tensor shapes; horizon, prompt length (default 200), steps and cameras from
-    config.json; `overrides` (the `--config` JSON) are applied before any size is inferred, and win.
+    Sizes as pi0's reader infers them; horizon, prompt length (default 200), steps and cameras
+    from config.json; `overrides` (the `--config` JSON) are applied before any size is inferred,
+    and win.
     """
     meta, tensors = read_folder(folder, "pi05")
     if meta.get("type", "pi05") != "pi05" or "model.state_proj.weight" in tensors:
@@ -48,4 +48,5 @@ def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None
     shape(tensors, EXP + "norm.dense.weight", "pi05")  # adaRMS expert: pi0.5's, not pi0's
     cfg = lerobot_config(Pi05Config, meta, tensors, overrides or {}, VARIANTS.values(), 200,
                          action_dim=shape(tensors, "model.action_in_proj.weight", "pi05")[1])
-    return cfg, tensors
+    policy, files = lerobot_policy(Path(folder), meta, cfg, "pi05")
+    return CheckpointRead(cfg, tensors, {"policy": policy}, files)

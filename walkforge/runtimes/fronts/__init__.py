@@ -17,6 +17,7 @@ FRONTS = {
     "pi0": "walkforge.runtimes.fronts.pi0:Pi0Policy",
     "pi05": "walkforge.runtimes.fronts.pi05:Pi05Policy",
     "vae": "walkforge.runtimes.fronts.vae:VaeDecoder",
+    "bagel": "walkforge.runtimes.fronts.bagel:BagelGenerator",
 }
 
 

@@ -5,6 +5,11 @@ prefix tokens, prefill writes them in place, each denoise step reads them throug
 PagedAttention, and the pages are freed when the call returns. This front only checks inputs,
 pads prompts, draws the start noise and says how many prefix tokens each request has.
 
+The policy API (`predict_action_chunk`, `select_action`, `reset`, `observation_spec`,
+`predict_action_chunks`) takes raw robot observations keyed by LeRobot feature names and returns
+actions in robot units: runtimes/processors/ does LeRobot's pre- and post-processing from the
+bundle's "policy" entry, `infer` runs the walks in between.
+
 Masked cameras cost nothing (bundles whose walks take a dynamic camera count): `compact` moves
 each request's valid cameras to the front, in order, and drops the camera slots and prompt
 columns no request uses, so vision encodes only cameras some request has and prefill runs only
@@ -14,12 +19,15 @@ count valid tokens) and what they attend to: the actions are the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from walkforge.errors import WalkforgeError
+from walkforge.runtimes.processors import PolicyProcessor, stack_feeds
 from walkforge.runtimes.runner import Runner
 from walkforge.runtimes.values import to_numpy
 
@@ -32,6 +40,66 @@ class Pi0Policy(Runner):
     `kv_pages` sizes the page pool (default: room for 8 full-length prefixes). Thread-safe: calls
     from several threads share the engines and the pool, each with its own pages.
     """
+
+    @cached_property
+    def processor(self) -> PolicyProcessor:
+        """LeRobot's processing of this bundle (its "policy" manifest entry and files)."""
+        if "policy" not in self.manifest:
+            raise WalkforgeError("this bundle has no policy entry (compiled before walkforge read LeRobot "
+                                 "folders): recompile it, or call infer() with walk inputs")
+        return PolicyProcessor(self.manifest["policy"], self.bundle.path)
+
+    def observation_spec(self) -> dict[str, Any]:
+        """What an observation holds: camera keys (and the empty ones, never read), image
+        resolution, state key and dim, task limits, action dim, chunk size, noise shape."""
+        return self.processor.spec()
+
+    def predict_action_chunk(self, observation: Mapping[str, Any], noise: Any = None, *,
+                             num_steps: int | None = None) -> np.ndarray:
+        """Actions in robot units: (chunk_size, action_dim) for an unbatched observation,
+        (B, chunk_size, action_dim) for a batched one. `noise`: the flow's start,
+        (chunk_size, max_action_dim) or (B, chunk_size, max_action_dim); seeded when absent.
+        `num_steps`: Euler steps (default: the compiled config's)."""
+        feeds, batched = self.processor.preprocess(observation)
+        noise = self.processor.noise(noise, len(feeds["images"]), batched)
+        actions = self.processor.postprocess(self.infer(**feeds, noise=noise, num_steps=num_steps))
+        return actions if batched else actions[0]
+
+    def predict_action_chunks(self, observations: Sequence[Mapping[str, Any]],
+                              noises: Sequence[Any] | None = None) -> list[np.ndarray]:
+        """Several unbatched observations run as ONE batch (the server's micro-batches); each
+        answer equals `predict_action_chunk` of that observation alone (to fp32 rounding)."""
+        if not observations:
+            return []
+        noises = list(noises) if noises is not None else [None] * len(observations)
+        if len(noises) != len(observations):
+            raise WalkforgeError(f"{len(noises)} noises for {len(observations)} observations")
+        parts, starts = [], []
+        for observation, noise in zip(observations, noises, strict=True):
+            feeds, batched = self.processor.preprocess(observation)
+            if batched:
+                raise WalkforgeError("predict_action_chunks takes unbatched observations")
+            parts.append(feeds)
+            starts.append(self.processor.noise(noise, 1, False))
+        chunk = self.infer(**stack_feeds(parts), noise=np.concatenate(starts))
+        return list(self.processor.postprocess(chunk))
+
+    def select_action(self, observation: Mapping[str, Any], noise: Any = None) -> np.ndarray:
+        """The next action (action_dim,) (batched: (B, action_dim)), LeRobot's way: when the
+        queue is empty, predict a chunk and queue its first n_action_steps actions."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(observation, noise)
+            steps = int(self.manifest["policy"]["n_action_steps"])
+            self._queue.extend(np.moveaxis(chunk[..., :steps, :], -2, 0))
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Empty the action queue (call at the start of an episode)."""
+        self._queue.clear()
+
+    @cached_property
+    def _queue(self) -> deque[np.ndarray]:
+        return deque()
 
     @property
     def num_views(self) -> int:

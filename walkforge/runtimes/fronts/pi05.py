@@ -2,7 +2,8 @@
 
 pi0's front without the state input (pi0.5 reads the state from the prompt text): the same
 checks, prompt padding, noise and KV paging (the chain owns the pages, runtimes/chain.py; this
-front says how many prefix tokens each request has).
+front says how many prefix tokens each request has). The policy API (`predict_action_chunk`,
+`select_action`, …) is pi0's: the processor writes the normalised state into the prompt instead.
 """
 
 from __future__ import annotations

@@ -31,7 +31,14 @@ def probe() -> str:
     return "" if importlib.util.find_spec("onnxruntime") else f"needs onnxruntime: {ORT_HINT}"
 
 
+BF16_REFUSAL = ("bf16 engines run on cuda/trt (onnxruntime's CPU provider has no bf16 GEMMs); on CPU "
+                "compile with --precision fp32 or int8, or check a bf16 graph with "
+                "walkforge.graphs.bf16.emulate_bf16 (what the compile's own bf16 check runs)")
+
+
 def has_target(manifest: dict[str, Any]) -> str:
+    if manifest.get("precision", {}).get("weights") == "bf16":
+        return BF16_REFUSAL
     return "" if "cpu" in manifest.get("targets", {}) else "bundle has no ONNX (cpu) target"
 
 
@@ -55,6 +62,8 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
     target = bundle.manifest["targets"].get("cpu")
     if target is None:
         raise WalkforgeError("bundle has no 'cpu' target")
+    if bundle.manifest.get("precision", {}).get("weights") == "bf16":
+        raise WalkforgeError(BF16_REFUSAL)
     int8 = bundle.manifest.get("precision", {}).get("activations") == "int8"  # fuse its Q/DQ
     threads = options.threads or physical_cores()
     return {name: OrtEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)),

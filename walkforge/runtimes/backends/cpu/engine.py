@@ -14,7 +14,7 @@ from typing import Any
 import onnxruntime as ort
 
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.ort import session_kwargs, session_options
+from walkforge.graphs.ort import session_kwargs, session_options, varying_shapes
 from walkforge.runtimes.engine import Contract
 from walkforge.runtimes.values import ort_array
 
@@ -34,7 +34,8 @@ class OrtEngine:
         self.name = name
         self.inputs, self.outputs, self.aliases = contract.inputs, contract.outputs, contract.aliases
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, spinning, fuse_qdq),
+            opts = session_options(threads, spinning, fuse_qdq, arena=not varying_shapes(self.inputs))
+            self.session = ort.InferenceSession(str(path), opts,
                                                 **session_kwargs(list(providers), fuse_qdq))
         except Exception as exc:  # onnxruntime raises untyped pybind errors
             raise WalkforgeError(f"walk '{name}': onnxruntime cannot load {Path(path).name}: "

@@ -49,9 +49,11 @@ def build_model(bundle: Any, device: str = "cpu", dtype: Any = None) -> tuple[An
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from walkforge.artifacts.bundle import require_reference_weights
     from walkforge.recipes import get_recipe
     from walkforge.recipes.configs import from_dict
 
+    require_reference_weights(bundle, f"backend '{NAME}'" if device == "cpu" else "a torch backend")
     recipe = get_recipe(bundle.recipe)
     cfg = from_dict(recipe.config, bundle.manifest["config"])
     model = recipe.build(cfg)

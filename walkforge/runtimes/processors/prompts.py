@@ -1,0 +1,48 @@
+"""Task text → prompt text → token ids: pi0's `task + "\\n"`, pi0.5's prompt carrying the state bins,
+and LeRobot's tokenizer step (BOS first, right-padded with id 0 to the compiled length).
+
+A prompt longer than the compiled length is refused, not truncated: LeRobot truncates, which for
+pi0.5 would silently cut the state off the end of the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from walkforge.errors import WalkforgeError
+
+PAD_ID = 0  # LeRobot pads prompts with id 0 (Gemma's <pad>) and masks them out
+
+
+def pi0_prompt(task: str) -> str:
+    """pi0's prompt: the task ending in one newline (LeRobot's pi0_new_line_processor adds it
+    when missing)."""
+    return task if task.endswith("\n") else task + "\n"
+
+
+def clean_task(task: str) -> str:
+    """pi0.5's task text: stripped, underscores and newlines turned into spaces."""
+    return task.strip().replace("_", " ").replace("\n", " ")
+
+
+def pi05_prompt(task: str, bins: Sequence[int]) -> str:
+    """pi0.5's prompt: `Task: {cleaned task}, State: {bins, space-separated};\\nAction: `."""
+    return f"Task: {clean_task(task)}, State: {' '.join(str(int(b)) for b in bins)};\nAction: "
+
+
+def tokenize(texts: Sequence[str], encode: Callable[[str], list[int]], bos_id: int, max_length: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int64 (B, max_length) and mask bool (B, max_length): [BOS, *encode(text)],
+    right-padded with PAD_ID. A prompt that does not fit → one-line error with its length."""
+    ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int64)
+    mask = np.zeros((len(texts), max_length), dtype=bool)
+    for row, text in enumerate(texts):
+        tokens = [bos_id, *encode(text)]
+        if len(tokens) > max_length:
+            raise WalkforgeError(f"task too long: its prompt is {len(tokens)} tokens (with BOS), the "
+                                 f"bundle was compiled for at most {max_length} (tokenizer_max_length)")
+        ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = True
+    return ids, mask

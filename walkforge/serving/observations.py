@@ -1,0 +1,81 @@
+"""What the server checks in an observation before it joins a batch, and openpi-style key maps.
+
+The policy's processor checks everything about one observation (runtimes/processors/); the server
+checks first what must never reach a batch or what the processor allows but a server must not:
+the frame is a map of string keys, keys are mapped (`--obs-map`), every camera the bundle reads is
+present (a robot without one compiles that camera as empty), `noise` is split off, and no number
+is NaN or inf. A request the policy then refuses is answered alone (batcher.py), so a bad request
+never costs another one its answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from walkforge.errors import WalkforgeError
+
+NOISE = "noise"
+
+def load_obs_map(path: Path | None, spec: Mapping[str, Any]) -> dict[str, str]:
+    """The `--obs-map` JSON file: {"client key": "bundle key", …}; every target must be a key the
+    bundle takes (a camera, the state key, "task" or "noise")."""
+    if path is None:
+        return {}
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WalkforgeError(f"--obs-map {path}: {exc}") from exc
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in mapping.items()):
+        raise WalkforgeError(f"--obs-map {path}: want a JSON object of string → string")
+    known = accepted_keys(spec)
+    bad = [v for v in mapping.values() if v not in known]
+    if bad:
+        raise WalkforgeError(f"--obs-map {path}: '{bad[0]}' is not a key this bundle takes; "
+                             f"it takes {', '.join(known)}")
+    return mapping
+
+
+def accepted_keys(spec: Mapping[str, Any]) -> list[str]:
+    return [*spec["cameras"], spec["state"]["key"], spec["task"]["key"], NOISE]
+
+
+def split_request(message: Any, spec: Mapping[str, Any], obs_map: Mapping[str, str]
+                  ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(observation keyed by bundle names, its noise or None) from one decoded frame."""
+    if not isinstance(message, dict):
+        raise WalkforgeError(f"an observation must be a msgpack map, got {type(message).__name__}")
+    observation: dict[str, Any] = {}
+    for key, value in message.items():
+        if not isinstance(key, str):
+            raise WalkforgeError(f"observation keys must be strings, got {type(key).__name__} {key!r:.40}")
+        name = obs_map.get(key, key)
+        if name in observation:
+            raise WalkforgeError(f"observation gives '{name}' twice (as '{key}' too)")
+        observation[name] = value
+    missing = [c for c in spec["cameras"] if c not in observation]
+    if missing:
+        raise WalkforgeError(f"observation lacks camera '{missing[0]}'; this policy reads "
+                             f"{', '.join(spec['cameras'])}")
+    for name, value in observation.items():
+        _check_value(name, value)
+    noise = observation.pop(NOISE, None)
+    return observation, noise
+
+
+def _check_value(name: str, value: Any) -> None:
+    """Arrays are real numbers or bool, finite; everything else is a string (the task)."""
+    if isinstance(value, str):
+        return
+    if not isinstance(value, (np.ndarray, np.generic)):
+        raise WalkforgeError(f"'{name}': want a numpy array or a string, got {type(value).__name__}")
+    kind = value.dtype.kind
+    if kind not in "biuf":
+        raise WalkforgeError(f"'{name}': dtype {value.dtype} is not a real number type")
+    if kind == "f" and not np.isfinite(value).all():
+        raise WalkforgeError(f"'{name}': has NaN or inf values")
