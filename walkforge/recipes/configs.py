@@ -42,6 +42,22 @@ def from_dict(cls: type[C], data: dict[str, Any], base: C | None = None) -> C:
     return cls(**kwargs)
 
 
+def read_json_object(path: Path, expected: str) -> dict[str, Any]:
+    """The JSON object in `path` (a checkpoint's config files); a missing file, invalid JSON or a
+    JSON value other than an object is a one-line error. `expected` names what the folder should
+    be, for the message (e.g. "a diffusers AutoencoderKL folder")."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WalkforgeError(f"{path.parent}: no {path.name} (expected {expected})") from None
+    except json.JSONDecodeError as exc:
+        raise WalkforgeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise WalkforgeError(f"{path}: expected a JSON object ({expected})")
+    return data
+
+
 def load_overrides(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())

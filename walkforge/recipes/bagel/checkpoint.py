@@ -13,7 +13,6 @@ and is bundled for text prompts. Without a tokenizer the ids come from `--config
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import torch
 
 from walkforge.errors import WalkforgeError
 from walkforge.recipes.bagel.config import GEN_HEADS, BagelConfig
-from walkforge.recipes.configs import from_dict
+from walkforge.recipes.configs import from_dict, read_json_object
 from walkforge.recipes.weights import CheckpointRead, KeyMap, read_safetensors
 
 LLM = "language_model.model."
@@ -161,23 +160,11 @@ def llm_sizes(
     }
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise WalkforgeError(f"{path.parent}: no {path.name} (expected BAGEL's checkpoint folder)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WalkforgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise WalkforgeError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None) -> CheckpointRead:
     """(cfg, tensors) of a BAGEL folder (module doc); `overrides` (--config) win over what the
     folder says. With a tokenizer, `files` bundles it and `manifest` names it."""
     folder, given = Path(folder), dict(overrides or {})
-    data = read_json(folder / "llm_config.json")
+    data = read_json_object(folder / "llm_config.json", "BAGEL's checkpoint folder")
     tensors = read_safetensors(folder / "ema.safetensors")
     ae, vae_sizes = read_ae(folder / "ae.safetensors")
     side = math.isqrt(_shape(tensors, "latent_pos_embed.pos_embed")[0])

@@ -26,7 +26,7 @@ import torch
 from walkforge.errors import WalkforgeError
 from walkforge.recipes.blocks.gemma import GemmaConfig
 from walkforge.recipes.blocks.siglip import SiglipConfig
-from walkforge.recipes.configs import from_dict, to_dict
+from walkforge.recipes.configs import from_dict, read_json_object, to_dict
 from walkforge.recipes.lerobot import lerobot_cameras, lerobot_policy
 from walkforge.recipes.pi0.config import ACTION_HEADS, LEROBOT_GEMMA, VARIANTS, Pi0Config
 from walkforge.recipes.weights import CheckpointRead, KeyMap, read_weights
@@ -175,12 +175,7 @@ def lerobot_weights(folder: Path, kind: str) -> dict[str, torch.Tensor]:
 def read_folder(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json, tensors) of a LeRobot policy folder; `kind` (pi0, pi05) names it in errors."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise WalkforgeError(f"{folder}: no config.json (expected a LeRobot {kind} folder)") from None
-    except json.JSONDecodeError as exc:
-        raise WalkforgeError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    meta = read_json_object(folder / "config.json", f"a LeRobot {kind} folder")
     return meta, lerobot_weights(folder, kind)
 
 

@@ -7,7 +7,6 @@ diffusers' `variant=`), else only the plain file; sharded weights through their
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from walkforge.errors import WalkforgeError
-from walkforge.recipes.configs import from_dict
+from walkforge.recipes.configs import from_dict, read_json_object
 from walkforge.recipes.vae.config import VaeConfig
 from walkforge.recipes.weights import CheckpointRead, KeyMap, read_weights
 
@@ -37,6 +36,7 @@ SCALING_DEFAULTS = {
     "force_upcast": True, "sample_size": 32,
 }
 WEIGHTS_STEM = "diffusion_pytorch_model"
+DIFFUSERS_FOLDER = "a diffusers AutoencoderKL or pipeline folder"
 # diffusers' AutoencoderKL defaults, used where an (older) config.json omits a key.
 _DIFFUSERS_DEFAULTS = {
     "block_out_channels": (64,), "layers_per_block": 1, "latent_channels": 4, "out_channels": 3,
@@ -70,7 +70,7 @@ def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None, *,
     and its weights (`weights_variant`: module doc). Unpacks as (cfg, tensors); `.manifest`
     holds the config's scaling entry."""
     vae_dir = vae_folder(Path(folder))
-    data = read_json(vae_dir / "config.json")
+    data = read_json_object(vae_dir / "config.json", DIFFUSERS_FOLDER)
     cfg = from_dict(VaeConfig, dict(overrides or {}),
                     config_from_diffusers(data, str(vae_dir / "config.json")))
     tensors = read_weights(vae_dir, WEIGHTS_STEM, weights_variant)
@@ -84,23 +84,13 @@ def vae_folder(folder: Path) -> Path:
     if not (folder / "model_index.json").is_file():
         raise WalkforgeError(f"{folder}: no config.json (expected a diffusers AutoencoderKL folder "
                              "or a pipeline folder with model_index.json)")
-    index = read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json", DIFFUSERS_FOLDER)
     if "vae" not in index:
         raise WalkforgeError(f"{folder / 'model_index.json'}: the pipeline has no 'vae' component; "
                              f"components: {', '.join(k for k in index if not k.startswith('_'))}")
     if not (folder / "vae" / "config.json").is_file():
         raise WalkforgeError(f"{folder}: model_index.json names a vae, but vae/config.json is missing")
     return folder / "vae"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WalkforgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise WalkforgeError(f"{path}: expected a JSON object")
-    return data
 
 
 def scaling_entry(data: dict[str, Any]) -> dict[str, Any]:
