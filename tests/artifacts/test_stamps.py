@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from walkforge.artifacts import bundle as bundle_mod
-from walkforge.artifacts.bundle import CACHE_ENV, MANIFEST, RACY_NS, Bundle, stamp_path
+from walkforge.artifacts.bundle import MANIFEST, Bundle
+from walkforge.artifacts.stamps import CACHE_ENV, RACY_NS, stamp_path
 from walkforge.errors import WalkforgeError
 
 WEIGHTS = "weights/model.safetensors"

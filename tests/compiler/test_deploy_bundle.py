@@ -15,7 +15,8 @@ from tolerances import rel_err, vae_decode_tol
 
 import walkforge
 from walkforge import CompileRequest, compile_bundle
-from walkforge.artifacts.bundle import CACHE_ENV, Bundle, has_reference_weights
+from walkforge.artifacts.bundle import Bundle, has_reference_weights
+from walkforge.artifacts.stamps import CACHE_ENV
 from walkforge.cli import cli
 from walkforge.compiler.pipeline import WEIGHTS_FILE
 from walkforge.errors import WalkforgeError
