@@ -129,18 +129,39 @@ def test_compare_tolerances(metric: str, change, ok: bool) -> None:
     assert checks[metric].ok is ok
 
 
-@pytest.mark.parametrize(("fraction", "ok"), [(5e-4, True), (5e-3, False)])
-def test_fp8_outputs_allow_a_few_flipped_e4m3_roundings_not_more(fraction: float, ok: bool) -> None:
-    """An fp8 golden's output samples may move by STAT_ATOL["fp8"] of the output's scale (another
-    CPU's fp32 kernels can flip a few E4M3 roundings); ten times that is a regression."""
+@pytest.mark.parametrize(("metric", "fraction", "ok"), [
+    ("mean", 1.8e-3, True), ("mean", 1e-2, False), ("max", 1e-2, False),
+    ("samples", 5e-2, True),  # one flipped E4M3 rounding can move a single sample this far
+])
+def test_fp8_outputs_allow_a_few_flipped_e4m3_roundings_not_more(metric: str, fraction: float,
+                                                                 ok: bool) -> None:
+    """An fp8 golden's output statistics may move by STAT_ATOL["fp8"] of the output's scale: 1.8e-3
+    is what another CPU's fp32 kernels moved them by (AMD EPYC vs Intel Xeon, measured); 1e-2,
+    what a wrong scale or a dropped Q/DQ pair moves, is a regression. Single samples are shown."""
     golden = rg.read_golden(GOLDENS / "pi0-tiny-fp8.json")
     now = copy.deepcopy(golden)
     out = now["outputs"]["actions"]
     scale = max(abs(out["min"]), abs(out["max"]))
-    first = next(iter(out["samples"]))
-    out["samples"][first] += fraction * scale
+    if metric == "samples":
+        first = next(iter(out["samples"]))
+        out["samples"][first] += fraction * scale
+        metric = f"samples.{first}"
+    else:
+        out[metric] += fraction * scale
     checks = {c.metric: c for c in rg.compare(golden, now)}
-    assert checks[f"outputs.actions.samples.{first}"].ok is ok
+    assert checks[f"outputs.actions.{metric}"].ok is ok
+
+
+@pytest.mark.parametrize(("growth", "ok"), [(1.004, True), (3.0, True), (5.0, False)])
+def test_quantized_cosine_distance_may_grow_as_rel_may(growth: float, ok: bool) -> None:
+    """A quantized golden's cosine distance vs torch may grow REL_GROWTH² = 4× (rel may grow 2×);
+    an fp32 golden's by COSINE_DROP only (the fp32 cases of test_compare_tolerances)."""
+    golden = rg.read_golden(GOLDENS / "vae-tiny-fp8.json")
+    now = copy.deepcopy(golden)
+    walk = now["accuracy"]["walks"]["decode"]
+    walk["cosine"] = 1.0 - growth * (1.0 - walk["cosine"])
+    checks = {c.metric: c for c in rg.compare(golden, now)}
+    assert checks["accuracy.walks.decode.cosine"].ok is ok
 
 
 # --- bench report ---------------------------------------------------------------------------

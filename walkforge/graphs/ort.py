@@ -3,14 +3,46 @@
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 from walkforge.graphs.fp8 import ORT_DISABLED_OPTIMIZERS
+
+# CPU flags of the x86 instructions that sum u8×s8 products straight into int32 (exact).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags as Linux lists them; None where /proc/cpuinfo is unreadable."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def int8_pairs_saturate(flags: frozenset[str] | None = None) -> bool:
+    """Whether onnxruntime's u8×s8 GEMM kernels clamp on this CPU (`flags`: cpu_flags()): x86
+    without VNNI (AVX2, or AVX-512 without VNNI) sums each pair of products in int16
+    (vpmaddubsw) and saturates. With full-range int8 weights that moved small pi0's int8 actions
+    to cosine 0.9922 vs fp32 on an AMD EPYC (Zen 3, AVX2), where a VNNI Xeon gave 0.99991.
+    Other architectures: False. Unknown flags on x86 count as saturating (exact, slower, is the
+    safe side)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    flags = cpu_flags() if flags is None else flags
+    return flags is None or not VNNI_FLAGS & flags
 
 
 def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq: bool = False,
                     arena: bool = True):
     """Options every walkforge session uses. `spinning=False` for in-process parity with torch
     (onnxruntime's spinning threads starve torch's, TOOLCHAIN.md). `fuse_qdq` for int8 graphs:
-    onnxruntime then fuses their Q/DQ into integer kernels; off, Q/DQ run as written (FP8).
+    onnxruntime then fuses their Q/DQ into integer kernels (exact ones: `int8_pairs_saturate`);
+    off, Q/DQ run as written (FP8).
     `arena=False` for walks whose shapes vary per call (`varying_shapes`): onnxruntime's CPU arena
     keeps the high-water mark of every shape it has seen, so a tiled VAE decode (tiles of four
     sizes) held 3.0 GiB at 1024² where one 512² decode holds 1.7; without it, 1.4 GiB."""
@@ -24,6 +56,11 @@ def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # FP8 Q/DQ must not be fused into int8-only kernels on CPU (TOOLCHAIN.md); int8 Q/DQ must.
     opts.add_session_config_entry("session.disable_quant_qdq", "0" if fuse_qdq else "1")
+    if fuse_qdq and int8_pairs_saturate():
+        # onnxruntime then stores the int8 weights as uint8 (w + 128, zero point moved with it:
+        # the same products) and runs its u8×u8 kernels, which widen to int16 before multiplying:
+        # exact, as VNNI is, so int8 results do not depend on the CPU. Costs ≈ 11% on small pi0.
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
+from walkforge.graphs.ort import cpu_flags
 from walkforge.recipes.inputs import example_inputs
 from walkforge.runtimes import load
 
@@ -56,9 +57,22 @@ def measure(bundle_path: Path, backend: str, warmup: int = 2, iters: int = 10, b
             "walks": {name: stats(s) for name, s in walks.items()}}
 
 
+# The ISA flags CPU speed depends on here: fp32/bf16 GEMM width, and whether int8 GEMMs run
+# on VNNI/AMX or on the exact but slower u8×u8 kernels (graphs.ort.int8_pairs_saturate).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def machine() -> str:
-    """The CPU model (every CPU number is reported with it), cores and Python."""
-    return f"{platform.system()} {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """The CPU model and its ISA flags (every CPU number is reported with them), cores, Python."""
+    flags = " ".join(isa_flags()) or "none of " + "/".join(ISA_FLAGS)
+    return (f"{platform.system()} {cpu_model()} [{flags}], {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}")
+
+
+def isa_flags() -> list[str]:
+    """Which of ISA_FLAGS the CPU has (empty where its flags are unreadable)."""
+    flags = cpu_flags() or frozenset()
+    return [f for f in ISA_FLAGS if f in flags]
 
 
 def cpu_model() -> str:

@@ -48,14 +48,22 @@ GOLDENS = Path(__file__).with_name("goldens")  # package data: works from an ins
 
 # Tolerances, one per kind of metric.
 STAT_RTOL = 1e-4  # mean/std/min/max/samples: |now - golden| <= STAT_RTOL·|golden| + STAT_ATOL·scale,
-STAT_ATOL = {"fp32": 1e-5, "fp8": 1e-3}  # scale = the golden output's max |value| (a mean near 0 is
+STAT_ATOL = {"fp32": 1e-5, "fp8": 4e-3}  # scale = the golden output's max |value| (a mean near 0 is
 # not judged relatively). fp32: CPUs' kernels differ by ~1e-6 of scale. fp8: such a difference can
-# push an activation across an E4M3 rounding midpoint, and one flipped rounding moved tiny pi0's
-# actions by 1.1e-4 of scale (measured, Intel Xeon vs AMD EPYC inputs); 1e-3 allows ~10 flips, far
-# below what a wrong scale or a dropped Q/DQ pair moves (≥ 1e-2).
-STAT_ATOL["int8"] = STAT_ATOL["fp8"]  # int8 GEMMs are exact integer sums; one flipped activation
-# rounding (1/127 of its amax) moves tiny outputs as much as an E4M3 flip does
-COSINE_DROP = 1e-6  # cosine vs torch may fall at most this far below the golden's
+# push an activation across an E4M3 rounding midpoint; one flip moved tiny pi0's actions by 1.1e-4
+# of scale (Intel Xeon vs AMD EPYC inputs), and goldens written on an AMD EPYC (AVX2) read back on
+# an Intel Xeon (AVX-512/AMX) or the other way moved tiny pi0's fp8 and int8 actions by up to
+# 1.8e-3 of scale (measured). 4e-3 stays below what a wrong scale or a dropped Q/DQ pair moves (≥ 1e-2).
+STAT_ATOL["int8"] = STAT_ATOL["fp8"]  # int8 GEMMs are exact integer sums on every CPU (graphs.ort:
+# int8_pairs_saturate); one flipped activation rounding (1/127 of its amax) moves tiny outputs as
+# much as an E4M3 flip does
+COSINE_DROP = 1e-6  # cosine distance (1 - cosine) vs torch may grow by this much, or (quantized
+# goldens) by REL_GROWTH² times: the distance goes as rel²/2, so that is rel's own allowance. Another
+# CPU's fp32 kernels moved tiny vae fp8's distance 1.004× (AMD EPYC vs Intel Xeon, measured); a scale
+# off by 2× quadruples it.
+QUANTIZED = ("fp8", "int8")  # their output samples are shown, not judged: one flipped rounding in a
+# stack of convolutions moved single tiny vae fp8 pixels by 4e-2 of scale between those two CPUs
+# (their mean/std/min/max moved < 1e-3); the accuracy vs torch is what judges a quantized golden
 REL_GROWTH = 2.0  # relative error vs torch may grow up to REL_GROWTH × golden …
 REL_FLOOR = 1e-5  # … or up to REL_FLOOR, whichever is larger; max_abs is shown, rel is the gate
 SIZE_RTOL = 0.01  # bundle bytes
@@ -255,25 +263,31 @@ def compare(golden: dict[str, Any], now: dict[str, Any]) -> list[Check]:
     """Judge every metric of `now` against `golden`; a metric only one side has fails."""
     g, n = flatten(golden), flatten(now)
     scales = {name: max(abs(o["min"]), abs(o["max"])) for name, o in golden.get("outputs", {}).items()}
-    atol = STAT_ATOL[golden.get("precision", "fp32")]
+    precision = golden.get("precision", "fp32")
+    atol, quantized = STAT_ATOL[precision], precision in QUANTIZED
     checks = []
     for metric in dict.fromkeys([*g, *n]):
-        tolerance, ok = _judge(metric, g.get(metric), n.get(metric), scales, atol)
+        tolerance, ok = _judge(metric, g.get(metric), n.get(metric), scales, atol, quantized)
         checks.append(Check(metric, g.get(metric), n.get(metric), tolerance, ok))
     return checks
 
 
-def _judge(metric: str, g: Any, n: Any, scales: dict[str, float], atol: float) -> tuple[str, bool]:
+def _judge(metric: str, g: Any, n: Any, scales: dict[str, float], atol: float,
+           quantized: bool = False) -> tuple[str, bool]:
     parts = metric.split(".")
     if parts[0] in INFO:
         return "info", True
     if g is None or n is None:
         return "in both", False
+    if parts[0] == "outputs" and parts[2] == "samples" and quantized:
+        return "info", True
     if parts[0] == "outputs" and parts[2] in (*STATS, "samples"):
         allowed = STAT_RTOL * abs(g) + atol * scales.get(parts[1], 0.0)
         return f"±{allowed:.1e}", abs(n - g) <= allowed
     if parts[0] == "accuracy" and parts[-1] == "cosine":
-        return f"drop ≤ {COSINE_DROP:.0e}", n >= g - COSINE_DROP
+        distance = 1.0 - g
+        limit = max(distance + COSINE_DROP, REL_GROWTH**2 * distance if quantized else 0.0)
+        return f"1-cos ≤ {limit:.1e}", 1.0 - n <= limit
     if parts[0] == "accuracy" and parts[-1] == "rel":
         limit = max(REL_GROWTH * g, REL_FLOOR)
         return f"≤ {limit:.1e}", n <= limit
