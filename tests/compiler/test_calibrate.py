@@ -150,13 +150,25 @@ def staged_copy(src, dst):
 
 
 @pytest.mark.slow
-def test_quantize_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path, vae_fp32) -> None:
+def test_quantize_bundle_quantizes_every_walk_of_a_compiled_bundle(tmp_path, vae_fp32, monkeypatch) -> None:
+    """… with memory-lean sessions only (no prepacked weight copies), leaving nothing aside."""
+    import walkforge.compiler.calibrate as calibrate
+    import walkforge.runtimes.backends.cpu.engine as engine
     from walkforge.compiler.quantize import SCALES_FILE, Fp8Options, load_scales, quantize_bundle
     from walkforge.recipes.inputs import example_inputs
 
+    prepacked = []
+    for module in (calibrate, engine):
+        def spy(*args, _made=module.session_options, **kwargs):
+            prepacked.append(kwargs.get("prepack", True))
+            return _made(*args, **kwargs)
+        monkeypatch.setattr(module, "session_options", spy)
     bundle = staged_copy(vae_fp32, tmp_path / "vae")
     samples = [example_inputs(bundle, batch=2, seed=100 + k) for k in range(2)]
     entry, counts = quantize_bundle(bundle, samples, Fp8Options("percentile", 99.9), runtimes)
+    assert prepacked and not any(prepacked)  # engines, collectors and the gate's sessions alike
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # the fp32 walks set aside are gone
+    assert sorted(p.name for p in bundle.path("walks").iterdir()) == ["decode.onnx", "decode.onnx.data"]
     assert counts["quantized_conv"] > 0 and counts["qdq_pairs"] > 0
     assert entry["samples"] == 2 and entry["calls"] == {"decode": 2}
     assert FP8_COSINE_MIN < entry["end_to_end"]["cosine"] < 1.0  # every conv but first/last is fp8

@@ -240,7 +240,7 @@ def _session(model: onnx.ModelProto, base_dir: str | Path | None = None,
              fuse_qdq: bool = False) -> ort.InferenceSession:
     """A CPU session for a throwaway model (a large one may be moved to external data);
     `fuse_qdq` for an int8 model, to run it on the integer kernels the engines use."""
-    opts = session_options(spinning=False, fuse_qdq=fuse_qdq)
+    opts = session_options(spinning=False, fuse_qdq=fuse_qdq, prepack=False)
     kw = session_kwargs(["CPUExecutionProvider"], fuse_qdq)
     if base_dir is None and model.ByteSize() < PROTO_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, **kw)

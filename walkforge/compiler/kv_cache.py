@@ -47,7 +47,7 @@ def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], runti
     """
     if not samples:
         raise WalkforgeError("KV calibration got no samples")
-    runner = runtime.load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     if reuse is None:
         amax = _kv_amax(runner, runtime, samples, progress)
     else:
@@ -64,7 +64,7 @@ def calibrate_kv(bundle: Any, samples: Sequence[Mapping[str, np.ndarray]], runti
     entry = {"dtype": FP8_POOL_DTYPE, "scales": scales.tolist(), "amax": amax.tolist(),
              "scales_file": SCALES_FILE, **meta}  # fmt: skip
     bundle.manifest["kv_cache"] = entry  # the fp8 runner below binds these scales
-    fp8 = runtime.load(bundle, "cpu", spinning=False).run(dict(samples[0]))
+    fp8 = runtime.load(bundle, "cpu", spinning=False, prepack=False).run(dict(samples[0]))
     entry["vs_fp32"] = worst([agreement(fp8[k], fp32_actions[0][k]) for k in fp8]).to_json()
     log.info("fp8 KV cache: scales per layer %s; actions vs fp32 pool %s", scales.tolist(), entry["vs_fp32"])
     return entry, {"kv_layers": int(scales.shape[0]), "kv_walks_fp8": len(retyped),

@@ -61,7 +61,7 @@ def bf16_bundle(bundle: Any, runtime: Any) -> tuple[dict[str, Any], dict[str, in
     from walkforge.recipes.inputs import example_inputs
 
     held_out = [example_inputs(bundle, batch=2, seed=s) for s in HELD_OUT_SEEDS]
-    runner = runtime.load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     reference = [runner.run(dict(sample)) for sample in held_out]
     del runner  # its sessions read the fp32 files about to be rewritten
     paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
@@ -73,7 +73,7 @@ def bf16_bundle(bundle: Any, runtime: Any) -> tuple[dict[str, Any], dict[str, in
         emulated = onnx.ModelProto()
         emulated.CopyFrom(bf16[name])
         save_model(run_pass("emulate_bf16", emulated)[0], path)
-    runner = runtime.load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     e2e = worst([agreement(got[k], want[k]) for sample, want in zip(held_out, reference, strict=True)
                  for got in [runner.run(dict(sample))] for k in want]).to_json()
     del runner

@@ -13,8 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,8 +71,7 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     from walkforge.recipes.inputs import example_inputs
 
     paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
-    fp32 = {name: onnx.load(str(p)) for name, p in paths.items()}  # weights in memory
-    runner = runtime.load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     held_out = [example_inputs(bundle, batch=2, seed=s) for s in HELD_OUT_SEEDS]
     first: dict[str, dict[str, np.ndarray]] = {}
     runner.chain.observer = lambda walk, inputs, _s: first.setdefault(walk, host_copy(runtime, inputs))
@@ -76,40 +79,62 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     if opts.reuse is not None:
         scales, meta = reused_scales(opts.reuse, bundle.manifest, opts.dtype)
     else:
-        scales, meta = collected_scales(runner, runtime, fp32, paths, samples, opts, progress)
+        scales, meta = collected_scales(runner, runtime, paths, samples, opts, progress)
     del runner  # its sessions read the fp32 files about to be rewritten
     save_scales(bundle.path(SCALES_FILE), scales, meta)
     precision = MANIFEST_PRECISION[opts.dtype]
     bundle.manifest["precision"] |= {"weights": precision, "activations": precision}
     ranking: list[tuple[str, str, float]] = []
+    with fp32_aside(bundle, paths) as fp32:
 
-    def attempt(n: int) -> tuple[dict[str, set[str]], dict[str, int], dict[str, float]]:
-        """Quantise with the n most sensitive nodes kept in fp32 (written to the bundle)."""
-        excluded: dict[str, set[str]] = {name: set() for name in paths}
-        for walk, node, _ in ranking[:n]:
-            excluded[walk].add(node)
-        counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude, opts.dtype)
-        return excluded, counts, _end_to_end(runtime, bundle, held_out, reference)
+        def attempt(n: int) -> tuple[dict[str, set[str]], dict[str, int], dict[str, float]]:
+            """Quantise with the n most sensitive nodes kept in fp32 (written to the bundle)."""
+            excluded: dict[str, set[str]] = {name: set() for name in paths}
+            for walk, node, _ in ranking[:n]:
+                excluded[walk].add(node)
+            counts = _quantize_all(bundle, fp32, scales, excluded, opts.exclude, opts.dtype)
+            return excluded, counts, _end_to_end(runtime, bundle, held_out, reference)
 
-    excluded, counts, e2e = attempt(0)
-    if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
-        ranking = sensitivity_ranking(fp32, scales, first, opts.dtype)
-        excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e, opts.dtype)
+        excluded, counts, e2e = attempt(0)
+        if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
+            ranking = sensitivity_ranking(fp32, scales, first, opts.dtype)
+            excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e,
+                                                       opts.dtype)
     entry = {**meta, "scales": SCALES_FILE, "end_to_end": e2e,
              "gate": {"min_cosine": opts.min_cosine,
                       "excluded": sorted(f"{w}:{n}" for w, names in excluded.items() for n in names)}}
     return entry, counts
 
 
-def collected_scales(runner: Any, runtime: Runtime, fp32: Mapping[str, onnx.ModelProto],
-                     paths: Mapping[str, Path],
+@contextlib.contextmanager
+def fp32_aside(bundle: Bundle, paths: Mapping[str, Path]) -> Iterator[dict[str, Path]]:
+    """Move each walk's fp32 ONNX and its weights file into a sibling folder of the staged bundle
+    (a rename: no copy) and yield walk → that ONNX; removed on exit. The quantiser then loads one
+    walk's fp32 weights at a time instead of all of them (full-size pi0: 12.5 GB, which with the
+    calibration sessions did not fit in 24 GiB)."""
+    aside = Path(tempfile.mkdtemp(prefix=".fp32-walks-", dir=bundle.root.parent))
+    try:
+        moved = {}
+        for name, path in paths.items():
+            for file in (path, path.with_name(path.name + ".data")):
+                if file.exists():
+                    os.replace(file, aside / file.name)
+            moved[name] = aside / path.name
+        yield moved
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def collected_scales(runner: Any, runtime: Runtime, paths: Mapping[str, Path],
                      samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
                      progress: Any) -> tuple[Scales, dict[str, Any]]:
-    """Activation amax from `samples` through the chained fp32 engines; weight amax per channel."""
+    """Activation amax from `samples` through the chained fp32 engines; weight amax per channel
+    (each walk's weights loaded in turn)."""
     collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), opts.method,
                                       opts.percentile, p.parent) for name, p in paths.items()}
     _run_samples(runner, runtime, collectors, list(samples), progress)
-    scales = {name: (qdq_scales(c.result(), opts.dtype), qdq_scales(weight_amax(fp32[name]), opts.dtype))
+    scales = {name: (qdq_scales(c.result(), opts.dtype),
+                     qdq_scales(weight_amax(onnx.load(str(paths[name]))), opts.dtype))
               for name, c in collectors.items()}
     meta = {"dtype": opts.dtype, "method": opts.method, "samples": len(samples),
             "calls": {name: c.samples for name, c in collectors.items()}}
@@ -172,12 +197,14 @@ def load_scales(path: Path) -> tuple[Scales, dict[str, Any]]:
     return scales, meta
 
 
-def sensitivity_ranking(fp32: Mapping[str, onnx.ModelProto], scales: Scales,
+def sensitivity_ranking(fp32: Mapping[str, Path], scales: Scales,
                         first: Mapping[str, Mapping[str, np.ndarray]], dtype: str = "fp8"
                         ) -> list[tuple[str, str, float]]:
-    """(walk, node, cosine when only that node is `dtype`), most sensitive first, over all walks."""
+    """(walk, node, cosine when only that node is `dtype`), most sensitive first, over all walks
+    (`fp32`: walk → its fp32 ONNX, loaded one at a time)."""
     ranking = []
-    for walk, model in fp32.items():
+    for walk, path in fp32.items():
+        model = onnx.load(str(path))
         feeds = {i.name: first[walk][i.name] for i in model.graph.input}
         names = [o.name for o in model.graph.output]
         want = dict(zip(names, _session(model).run(names, feeds), strict=True))
@@ -213,12 +240,11 @@ def _fewest_exclusions(attempt: Any, total: int, gate: float, ungated: dict[str,
     return best if result is best else attempt(passing)
 
 
-def _quantize_all(bundle: Bundle, fp32: Mapping[str, onnx.ModelProto], scales: Scales,
+def _quantize_all(bundle: Bundle, fp32: Mapping[str, Path], scales: Scales,
                   excluded: Mapping[str, set[str]], user: tuple[str, ...], dtype: str) -> dict[str, int]:
     totals: dict[str, int] = {}
     for name, source in fp32.items():
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
+        model = onnx.load(str(source))  # this walk's fp32 weights, and only while it is quantised
         act, weights = scales[name]
         model, counts = run_pass(f"quantize_{dtype}", model, act, weights, exclude=set(user) | excluded[name])
         save_model(model, bundle.path(bundle.manifest["walks"][name]["onnx"]))
@@ -229,7 +255,7 @@ def _quantize_all(bundle: Bundle, fp32: Mapping[str, onnx.ModelProto], scales: S
 
 def _end_to_end(runtime: Runtime, bundle: Bundle, held_out: list[dict[str, np.ndarray]],
                 reference: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    runner = runtime.load(bundle, "cpu", spinning=False)
+    runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     results = [agreement(got[k], want[k]) for sample, want in zip(held_out, reference, strict=True)
                for got in [runner.run(dict(sample))] for k in want]
     return worst(results).to_json()

@@ -38,14 +38,18 @@ def int8_pairs_saturate(flags: frozenset[str] | None = None) -> bool:
 
 
 def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq: bool = False,
-                    arena: bool = True):
+                    arena: bool = True, prepack: bool = True):
     """Options every walkforge session uses. `spinning=False` for in-process parity with torch
     (onnxruntime's spinning threads starve torch's, TOOLCHAIN.md). `fuse_qdq` for int8 graphs:
     onnxruntime then fuses their Q/DQ into integer kernels (exact ones: `int8_pairs_saturate`);
     off, Q/DQ run as written (FP8).
     `arena=False` for walks whose shapes vary per call (`varying_shapes`): onnxruntime's CPU arena
     keeps the high-water mark of every shape it has seen, so a tiled VAE decode (tiles of four
-    sizes) held 3.0 GiB at 1024² where one 512² decode holds 1.7; without it, 1.4 GiB."""
+    sizes) held 3.0 GiB at 1024² where one 512² decode holds 1.7; without it, 1.4 GiB.
+    `prepack=False` for the compiler's sessions of large walks: onnxruntime then reads GEMM weights
+    where it maps them from the external data file, one page-cache copy that every session of the
+    walk shares, instead of a private prepacked copy per session (full-size pi0 vision: 0.08 vs
+    1.62 GiB RSS per session); slower per run, which calibration and gates can afford."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -54,6 +58,8 @@ def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq:
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     # FP8 Q/DQ must not be fused into int8-only kernels on CPU (TOOLCHAIN.md); int8 Q/DQ must.
     opts.add_session_config_entry("session.disable_quant_qdq", "0" if fuse_qdq else "1")
     if fuse_qdq and int8_pairs_saturate():

@@ -32,13 +32,13 @@ class Runner:
     """
 
     def __init__(self, bundle: Bundle, backend: str = "cpu", threads: int | None = None,
-                 spinning: bool = True, kv_pages: int | None = None) -> None:
+                 spinning: bool = True, kv_pages: int | None = None, prepack: bool = True) -> None:
         self.bundle, self.manifest = bundle, bundle.manifest
         #: the concrete backend (what `auto` picked) and why it was chosen
         self.backend, self.backend_reason = backends.resolve(backend, bundle.manifest)
         log.info("backend %s: %s", self.backend, self.backend_reason)
         impl = backends.get(self.backend)
-        self.engines = impl.load(bundle, backends.Options(threads, spinning))
+        self.engines = impl.load(bundle, backends.Options(threads, spinning, prepack=prepack))
         paging = None
         if pool_writer(self.manifest) is not None:
             paging = Paging(self.manifest, self.engines, impl.allocate_pool, kv_pages)

@@ -43,11 +43,13 @@ CHOICES = (*BACKENDS, "auto")
 @dataclass(frozen=True)
 class Options:
     """How engines are made: onnxruntime/torch threads, onnxruntime spinning (off for in-process
-    parity with torch), CUDA-graph replay of loop bodies on the GPU backends."""
+    parity with torch), CUDA-graph replay of loop bodies on the GPU backends, onnxruntime's
+    prepacked weights (off: the compiler's memory-lean sessions, graphs.ort.session_options)."""
 
     threads: int | None = None
     spinning: bool = True
     cuda_graphs: bool = True
+    prepack: bool = True
 
 
 def get(name: str) -> ModuleType:

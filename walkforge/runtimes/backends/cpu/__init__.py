@@ -67,7 +67,7 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
     int8 = bundle.manifest.get("precision", {}).get("activations") == "int8"  # fuse its Q/DQ
     threads = options.threads or physical_cores()
     return {name: OrtEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)),
-                            threads, options.spinning, fuse_qdq=int8)
+                            threads, options.spinning, fuse_qdq=int8, prepack=options.prepack)
             for name, rel in target["walks"].items()}
 
 

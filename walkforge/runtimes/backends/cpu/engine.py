@@ -30,11 +30,12 @@ class OrtEngine:
 
     def __init__(self, name: str, path: Path, contract: Contract, threads: int | None = None,
                  spinning: bool = True, providers: tuple[Any, ...] = ("CPUExecutionProvider",),
-                 fuse_qdq: bool = False) -> None:
+                 fuse_qdq: bool = False, prepack: bool = True) -> None:
         self.name = name
         self.inputs, self.outputs, self.aliases = contract.inputs, contract.outputs, contract.aliases
         try:
-            opts = session_options(threads, spinning, fuse_qdq, arena=not varying_shapes(self.inputs))
+            opts = session_options(threads, spinning, fuse_qdq, arena=not varying_shapes(self.inputs),
+                                   prepack=prepack)
             self.session = ort.InferenceSession(str(path), opts,
                                                 **session_kwargs(list(providers), fuse_qdq))
         except Exception as exc:  # onnxruntime raises untyped pybind errors
