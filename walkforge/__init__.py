@@ -16,8 +16,9 @@ def load(bundle, backend: str = "cpu", digest: str | None = None, **options):
 
     backend: "cpu" (onnxruntime engines), "torch" (the recipe's reference modules), a GPU backend
     ("torch-cuda", "cuda", "trt") or "auto". digest: the bundle's pinned digest (`walkforge
-    inspect` prints it); a bundle with another is refused. options: `threads`, `spinning`, and
-    `kv_pages` for bundles with a KV page pool.
+    inspect` prints it); a bundle with another is refused. options: `threads`, `spinning`,
+    `prepack` (cpu: False maps the weights instead of prepacking a private copy per session —
+    less memory, slower runs) and `kv_pages` for bundles with a KV page pool.
     """
     from walkforge.runtimes import load as _load
 
