@@ -66,12 +66,17 @@ def cli(verbose: bool) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp8", "int8", "bf16"]), default="fp32",
               show_default=True,
               help="fp8: E4M3 Q/DQ on GEMM/conv inputs and weights (TensorRT fuses them; the CPU "
-                   "target emulates FP8 accuracy, it is not faster). int8: W8A8 INT8 Q/DQ, static "
+                   "target emulates FP8 accuracy, it is not faster). int8: INT8 Q/DQ, static "
                    "per-tensor activation scales, per-channel weights (onnxruntime's CPU integer "
-                   "kernels, VNNI/AMX; TensorRT INT8). The --calib-*, --reuse-calibration, "
+                   "kernels; TensorRT INT8), see --int8-weight-bits. The --calib-*, --reuse-calibration, "
                    "--min-cosine and --fp8-exclude options serve both. bf16: bf16 weights and "
                    "GEMM/conv math, fp32 norms/softmax/Euler update (for TensorRT and cuda; the cpu "
                    "backend refuses it, the compile checks it on CPU by emulation).")
+@click.option("--int8-weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
+              help="int8: weights at ±63 (7) or ±127 (8). 7 runs exactly on the fast int8 kernels of "
+                   "every x86 CPU; on CPUs without VNNI (AVX2) 8-bit weights need onnxruntime's "
+                   "slower exact kernels (small pi0: 12%% slower). 8 is a little more accurate where "
+                   "the speed is the same: VNNI/AMX CPUs, TensorRT.")
 @click.option("--calib-samples", default=8, show_default=True,
               help="fp8: seeded synthetic example batches to calibrate on (the recipe's fake_inputs).")
 @click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -110,8 +115,9 @@ def cli(verbose: bool) -> None:
                    "copy (about half the size; the torch backends and `verify` then refuse it).")
 def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, config_file: Path | None,
                 seed: int, out: Path, force: bool, precision: str, calib_samples: int,
-                calib_data: Path | None, calib_method: str, calib_percentile: float,
-                reuse_calibration: Path | None, fp8_min_cosine: float | None, fp8_exclude: str,
+                int8_weight_bits: str, calib_data: Path | None, calib_method: str,
+                calib_percentile: float, reuse_calibration: Path | None,
+                fp8_min_cosine: float | None, fp8_exclude: str,
                 kv_dtype: str, walks: str, weights_variant: str | None, gpu_archs: str,
                 tokenizer: Path | None, no_reference_weights: bool) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
@@ -124,7 +130,8 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
                          fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs,
                          kv_dtype=kv_dtype, weights_variant=weights_variant,
                          walks=tuple(w for w in walks.split(",") if w), tokenizer=tokenizer,
-                         reference_weights=not no_reference_weights)
+                         reference_weights=not no_reference_weights,
+                         int8_weight_bits=int(int8_weight_bits))
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import onnx
@@ -220,26 +221,56 @@ def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
 
 
 def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -> None:
-    """One calibration for both dtypes: an int8 compile reusing an fp8 bundle's scales gets the
-    same amax (scales × 448/127); its cpu engines fuse the int8 Q/DQ."""
+    """One calibration for both dtypes and both int8 weight widths: an int8 compile reusing an
+    fp8 bundle's scales gets the same amax (activation scales × 448/127, weight scales × 448/63:
+    7-bit weights by default), and an 8-bit compile reusing that one weight scales × 63/127. Its
+    cpu engines fuse the int8 Q/DQ; 7-bit weights never need the exact u8×u8 kernels, full-range
+    ones do where pairs saturate (graphs.ort.int8_pairs_saturate)."""
     from walkforge import CompileRequest, compile_bundle
     from walkforge.artifacts.bundle import Bundle
     from walkforge.compiler.quantize import SCALES_FILE
     from walkforge.compiler.quantize import load_scales as load_bundle_scales
-    from walkforge.graphs.fp8 import INT8_MAX
+    from walkforge.graphs.fp8 import INT8_MAX, read_tensor
+    from walkforge.graphs.ort import int8_pairs_saturate
 
     compile_bundle(CompileRequest("vae", tmp_path / "fp8", precision="fp8", calib_samples=1))
     manifest = compile_bundle(CompileRequest("vae", tmp_path / "int8", precision="int8",
                                              reuse_calibration=tmp_path / "fp8"))
+    wide = compile_bundle(CompileRequest("vae", tmp_path / "int8w8", precision="int8", int8_weight_bits=8,
+                                         reuse_calibration=tmp_path / "int8"))
     assert manifest["precision"]["weights"] == manifest["precision"]["activations"] == "int8"
-    assert manifest["precision"]["calibration"]["end_to_end"]["cosine"] >= INT8_COSINE_MIN
-    (old, _), (new, meta) = (load_bundle_scales(tmp_path / d / SCALES_FILE) for d in ("fp8", "int8"))
-    assert meta["dtype"] == "int8"
+    assert (manifest["precision"]["int8_weight_max"], wide["precision"]["int8_weight_max"]) == (63, 127)
+    for m in (manifest, wide):
+        assert m["precision"]["calibration"]["end_to_end"]["cosine"] >= INT8_COSINE_MIN
+    (old, _), (new, meta), (new8, meta8) = (load_bundle_scales(tmp_path / d / SCALES_FILE)
+                                            for d in ("fp8", "int8", "int8w8"))
+    assert (meta["dtype"], meta["weight_max"], meta8["weight_max"]) == ("int8", 63, 127)
     ratio = np.float32(FP8_MAX / INT8_MAX)
     assert all(new["decode"][0][k] == float(np.float32(v) * ratio) for k, v in old["decode"][0].items())
-    model = onnx.load(str(tmp_path / "int8" / manifest["walks"]["decode"]["onnx"]), load_external_data=False)
-    weights = {t.data_type for t in model.graph.initializer if t.name.endswith("_int8")}
-    assert weights == {onnx.TensorProto.INT8}
+    assert new8["decode"][0] == new["decode"][0]
+    for k, v in old["decode"][1].items():
+        np.testing.assert_array_equal(new["decode"][1][k], v * np.float32(FP8_MAX / 63))
+        np.testing.assert_array_equal(new8["decode"][1][k], new["decode"][1][k] * np.float32(63 / 127))
+    tops = {}
+    for name in ("int8", "int8w8"):
+        path = tmp_path / name / manifest["walks"]["decode"]["onnx"]
+        model = onnx.load(str(path), load_external_data=False)
+        weights = [t for t in model.graph.initializer if t.name.endswith("_int8")]
+        assert {t.data_type for t in weights} == {onnx.TensorProto.INT8}
+        tops[name] = max(int(np.abs(read_tensor(t, path.parent).astype(np.int32)).max()) for t in weights)
+    assert tops == {"int8": 63, "int8w8": 127}  # each channel's largest weight is the scale's top
     runner = runtimes.load(Bundle.open(tmp_path / "int8"), "cpu")
-    assert runner.engines["decode"].session.get_session_options().get_session_config_entry(
-        "session.disable_quant_qdq") == "0"
+    options = runner.engines["decode"].session.get_session_options()
+    assert options.get_session_config_entry("session.disable_quant_qdq") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options.get_session_config_entry("session.x64quantprecision")
+    manifest_path = tmp_path / "int8w8" / "manifest.json"
+    for older in (False, True):  # 0.3.1 bundles have no int8_weight_max: full-range weights
+        if older:
+            m = json.loads(manifest_path.read_text())
+            del m["precision"]["int8_weight_max"]
+            manifest_path.write_text(json.dumps(m))
+        engine = runtimes.load(Bundle.open(tmp_path / "int8w8"), "cpu").engines["decode"]
+        if int8_pairs_saturate():
+            assert engine.session.get_session_options().get_session_config_entry(
+                "session.x64quantprecision") == "1"

@@ -184,3 +184,17 @@ def test_cuda_kernel_wrappers_under_the_triton_interpreter():
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["dtype"] == "torch.bfloat16" and got["attention"] <= BF16_ATTENTION_TOL
     assert got["kv_write"] == 0.0 and got["pool_untouched"]
+
+
+def test_arena_is_off_only_where_image_sizes_vary() -> None:
+    """onnxruntime's arena keeps a block per shape it has seen: off for walks sized by the image
+    (the VAE, BAGEL's grid), on for pi0's, whose views and prompt length take one bounded value
+    per run (without it prefill re-faulted its activations on every call)."""
+    from walkforge.graphs.ort import varying_shapes
+    from walkforge.graphs.walk import TensorSpec
+
+    assert varying_shapes([TensorSpec("latents", "float32", ("batch", 4, "height", "width"))])
+    assert varying_shapes([TensorSpec("x_t", "float32", ("batch", "grid_h", "grid_w", 64))])
+    assert not varying_shapes([TensorSpec("image_tokens", "float32", ("batch", "image_tokens", 1024)),
+                               TensorSpec("prompt_ids", "int64", ("batch", "prompt_len")),
+                               TensorSpec("kv_pool", "float32", (6, 2, "num_pages", 16, 1, 128))])

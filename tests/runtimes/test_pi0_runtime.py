@@ -309,3 +309,17 @@ def test_bench_reports_ratios_to_both_references():
     assert [ratio_key(r) for r in REFERENCES] == ["ratio_vs_torch", "ratio_vs_torch_bf16"]
     assert _ratios(results, "torch")["cpu"] == {"end_to_end": 0.5, "vision": 0.25}
     assert _ratios(results, "torch-bf16")["cpu"] == {"end_to_end": 0.8, "vision": 0.5}
+
+
+def test_bench_prints_the_cpu_flags_it_measured_on():
+    """The machine line is printed as text: '[avx2]' is not swallowed as console markup."""
+    from rich.console import Console
+
+    from walkforge.tools.render import show_bench
+
+    stat = {"median_ms": 10.0, "p90_ms": 11.0, "n": 1}
+    report = {"machine": "Linux AMD EPYC [avx2], 2 cores, Python 3.11.7", "batch": 1,
+              "results": {"cpu": {"end_to_end": stat, "walks": {"vision": stat}}}}
+    console = Console(record=True, width=200)
+    show_bench(console, report)
+    assert "Linux AMD EPYC [avx2], 2 cores" in console.export_text()

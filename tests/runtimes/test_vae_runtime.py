@@ -15,7 +15,7 @@ from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
 from walkforge.recipes.inputs import example_inputs
 from walkforge.runtimes.fronts.vae import VaeDecoder
-from walkforge.tools.bench import measure
+from walkforge.tools.bench import bench, measure
 from walkforge.tools.verify import verify
 
 CPU_VS_TORCH_TOL = vae_decode_tol(64)  # rel_err of onnxruntime fp32 vs torch, tiny (measured 1.2e-6)
@@ -128,6 +128,23 @@ def test_bench_measure_structure(tiny_bundle: Path) -> None:
         assert stats["n"] == 3
         assert stats["median_ms"] > 0
         assert stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+
+
+def test_bench_backends_take_turns_in_their_own_processes(tiny_bundle: Path) -> None:
+    """Each backend runs in its own process, and the processes take turns run by run (a drifting
+    host then slows both alike): every cpu run starts before the torch run of its round, which
+    starts before the next cpu run."""
+    report = bench(tiny_bundle, ("cpu", "torch"), warmup=1, iters=3, threads=1)
+    cpu, torch_ = (report["results"][b]["run_starts"] for b in ("cpu", "torch"))
+    assert len(cpu) == len(torch_) == 3
+    assert all(a < b < c for a, b, c in zip(cpu, torch_, [*cpu[1:], float("inf")], strict=True))
+    assert report["ratio_vs_torch"]["cpu"]["end_to_end"] > 0
+    assert {r["end_to_end"]["n"] for r in report["results"].values()} == {3}
+
+
+def test_bench_backend_that_cannot_load_is_one_line(tiny_bundle: Path) -> None:
+    with pytest.raises(WalkforgeError, match=r"^bench on backend 'tpu' failed: error: .*tpu"):
+        bench(tiny_bundle, ("cpu", "tpu"), warmup=0, iters=1, threads=1)
 
 
 def test_bench_setting_tiles_the_decode(tiny_bundle: Path, decoders: tuple[VaeDecoder, VaeDecoder]) -> None:

@@ -35,6 +35,7 @@ from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime
 from walkforge.compiler.weights_file import write_safetensors
 from walkforge.errors import CompileError, WalkforgeError
+from walkforge.graphs.fp8 import INT8_WEIGHT_BITS
 from walkforge.graphs.walk import GraphNode
 from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.progress import Progress
@@ -80,6 +81,7 @@ class CompileRequest:
     walks: tuple[str, ...] = ()  # walks to compile where the recipe offers a choice (vae: decode,encode)
     tokenizer: Path | None = None  # a local tokenizer folder bundled for text prompts (pi0, pi05)
     reference_weights: bool = True  # False (--no-reference-weights): no WEIGHTS_FILE in the bundle
+    int8_weight_bits: int = 7  # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max
 
     def __post_init__(self) -> None:
         from walkforge.compiler.calibrate import METHODS
@@ -88,6 +90,7 @@ class CompileRequest:
             "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             "kv_dtype": (self.kv_dtype in KV_DTYPES, f"one of {', '.join(KV_DTYPES)}"),
             "calib_samples": (self.calib_samples >= 1, "at least 1"),
+            "int8_weight_bits": (self.int8_weight_bits in INT8_WEIGHT_BITS, "7 or 8"),
             "calib_method": (self.calib_method in METHODS, f"one of {', '.join(METHODS)}"),
             "calib_percentile": (0 < self.calib_percentile <= 100, "in (0, 100]"),
             "fp8_min_cosine": (self.fp8_min_cosine is None or 0 < self.fp8_min_cosine <= 1, "in (0, 1]"),
@@ -368,7 +371,7 @@ def calibrate(job: Job) -> dict[str, int]:
     samples = [] if req.reuse_calibration else calibration_samples(
         bundle, req.calib_data, req.calib_samples, req.seed)
     opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
-                      req.fp8_min_cosine, req.fp8_exclude, req.precision)
+                      req.fp8_min_cosine, req.fp8_exclude, req.precision, req.int8_weight_bits)
     entry, counts = quantize_bundle(bundle, samples, opts, job.runtime, job.progress.bar)
     job.manifest["precision"]["calibration"] = entry  # quantize_bundle set weights/activations
     e2e, excluded = entry["end_to_end"], entry["gate"]["excluded"]

@@ -4,7 +4,8 @@
    them (every engine call, each loop step included, is a sample of its walk) — or take them
    from an earlier bundle with the same weights (`reuse`). One artifact holds them all:
    `calib/scales.safetensors`, keys `<walk>/act/<tensor>` and `<walk>/weight/<initializer>`,
-   metadata `dtype` (scales are amax / the dtype's max; reused scales convert between dtypes).
+   metadata `dtype` and `weight_max` (scales are amax / the dtype's max, weights' amax / weight_max:
+   int8 weights have 7 bits by default; reused scales convert between dtypes and weight widths).
 2. Quantise: the Q/DQ pass (graphs/fp8.py) in that dtype over every walk, minus excluded nodes.
 3. Gate (`min_cosine`): end-to-end cosine of the front API's outputs vs the fp32 engines on
    held-out inputs. While below the gate, exclude the most sensitive nodes (each measured by
@@ -42,7 +43,7 @@ from walkforge.compiler.export import op_counts
 from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime, host_copy
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import QDTYPES, qdq_scales
+from walkforge.graphs.fp8 import QDTYPES, int8_weight_max, qdq_scales
 
 SCALES_FILE = "calib/scales.safetensors"
 HELD_OUT_SEEDS = (7001, 7002)  # end-to-end gate inputs; calibration uses seed + 1000 + k
@@ -61,6 +62,12 @@ class Fp8Options:
     min_cosine: float | None = None  # end-to-end gate; None = measure, never exclude
     exclude: tuple[str, ...] = ()  # node names or torch module paths never quantised
     dtype: str = "fp8"
+    int8_weight_bits: int = 7  # int8 weights at ±63 (7) or ±127 (8): graphs.fp8.int8_weight_max
+
+    @property
+    def weight_max(self) -> float:
+        """The largest quantised weight magnitude: weights' scales are their amax / this."""
+        return int8_weight_max(self.int8_weight_bits) if self.dtype == "int8" else QDTYPES[self.dtype].max
 
 
 def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
@@ -77,13 +84,15 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     runner.chain.observer = lambda walk, inputs, _s: first.setdefault(walk, host_copy(runtime, inputs))
     reference = [runner.run(dict(s)) for s in held_out]
     if opts.reuse is not None:
-        scales, meta = reused_scales(opts.reuse, bundle.manifest, opts.dtype)
+        scales, meta = reused_scales(opts.reuse, bundle.manifest, opts.dtype, opts.weight_max)
     else:
         scales, meta = collected_scales(runner, runtime, paths, samples, opts, progress)
     del runner  # its sessions read the fp32 files about to be rewritten
     save_scales(bundle.path(SCALES_FILE), scales, meta)
     precision = MANIFEST_PRECISION[opts.dtype]
     bundle.manifest["precision"] |= {"weights": precision, "activations": precision}
+    if opts.dtype == "int8":  # the cpu engines pick their int8 kernels by it (graphs.ort)
+        bundle.manifest["precision"]["int8_weight_max"] = int(opts.weight_max)
     ranking: list[tuple[str, str, float]] = []
     with fp32_aside(bundle, paths) as fp32:
 
@@ -134,10 +143,10 @@ def collected_scales(runner: Any, runtime: Runtime, paths: Mapping[str, Path],
                                       opts.percentile, p.parent) for name, p in paths.items()}
     _run_samples(runner, runtime, collectors, list(samples), progress)
     scales = {name: (qdq_scales(c.result(), opts.dtype),
-                     qdq_scales(weight_amax(onnx.load(str(paths[name]))), opts.dtype))
+                     qdq_scales(weight_amax(onnx.load(str(paths[name]))), opts.dtype, opts.weight_max))
               for name, c in collectors.items()}
-    meta = {"dtype": opts.dtype, "method": opts.method, "samples": len(samples),
-            "calls": {name: c.samples for name, c in collectors.items()}}
+    meta = {"dtype": opts.dtype, "weight_max": opts.weight_max, "method": opts.method,
+            "samples": len(samples), "calls": {name: c.samples for name, c in collectors.items()}}
     return scales, meta | ({"percentile": opts.percentile} if opts.method == "percentile" else {})
 
 
@@ -151,24 +160,28 @@ def reusable_manifest(old: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return theirs
 
 
-def reused_scales(old: Path, manifest: Mapping[str, Any], dtype: str = "fp8"
-                  ) -> tuple[Scales, dict[str, Any]]:
-    """Scales of an earlier bundle for `dtype` (an fp8 bundle's serve an int8 compile and back:
-    the amax is the same); refused unless its weights fingerprint and walks match."""
+def reused_scales(old: Path, manifest: Mapping[str, Any], dtype: str = "fp8",
+                  weight_max: float | None = None) -> tuple[Scales, dict[str, Any]]:
+    """Scales of an earlier bundle for `dtype` with weights up to `weight_max` (default: the
+    dtype's max): an fp8 bundle's serve an int8 compile and back, 8-bit int8 weights' a 7-bit
+    compile (the amax is the same); refused unless its weights fingerprint and walks match."""
     theirs = reusable_manifest(old, manifest)
     calibration = (theirs.get("precision") or {}).get("calibration")
     if not calibration or calibration.get("scales") != SCALES_FILE:
         raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8/INT8 calibration")
     scales, meta = load_scales(Path(old) / SCALES_FILE)
-    ratio = np.float32(QDTYPES[meta.get("dtype", "fp8")].max / QDTYPES[dtype].max)
-    if ratio != 1:
-        scales = {walk: ({k: float(np.float32(v) * ratio) for k, v in act.items()},
-                         {k: (v * ratio).astype(np.float32) for k, v in weights.items()})
+    their_max = QDTYPES[meta.get("dtype", "fp8")].max
+    act_ratio = np.float32(their_max / QDTYPES[dtype].max)
+    weight_max = QDTYPES[dtype].max if weight_max is None else weight_max
+    weight_ratio = np.float32(meta.get("weight_max", their_max) / weight_max)  # absent before 0.3.2
+    if act_ratio != 1 or weight_ratio != 1:
+        scales = {walk: ({k: float(np.float32(v) * act_ratio) for k, v in act.items()},
+                         {k: (v * weight_ratio).astype(np.float32) for k, v in weights.items()})
                   for walk, (act, weights) in scales.items()}
     if set(scales) != set(manifest["walks"]):
         raise WalkforgeError(f"--reuse-calibration {old}: walks {sorted(scales)} differ from "
                              f"{sorted(manifest['walks'])}")
-    return scales, {**meta, "dtype": dtype, "reused_from": str(old)}
+    return scales, {**meta, "dtype": dtype, "weight_max": weight_max, "reused_from": str(old)}
 
 
 def save_scales(path: Path, scales: Scales, meta: Mapping[str, Any]) -> None:

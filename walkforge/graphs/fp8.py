@@ -48,6 +48,18 @@ log = logging.getLogger(__name__)
 FP8 = onnx.TensorProto.FLOAT8E4M3FN
 MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
 INT8_MAX = 127.0  # symmetric: [-127, 127], so -w and w quantise alike
+INT8_WEIGHT_BITS = (7, 8)  # int8 weights: ±63 (7 bits, the default) or ±127; see int8_weight_max
+
+
+def int8_weight_max(bits: int) -> float:
+    """The largest int8 weight magnitude at `bits` (7 → 63, 8 → 127). Weights are quantised per
+    output channel, so their scale is amax / this. 7-bit weights keep every u8×s8 pair of
+    products within int16 (2·255·63 < 32767), so x86 CPUs without VNNI run them on onnxruntime's
+    fast u8×s8 kernels exactly (graphs.ort.int8_pairs_saturate); full-range weights need its
+    slower u8×u8 kernels there. VNNI/AMX and TensorRT are exact and as fast either way."""
+    if bits not in INT8_WEIGHT_BITS:
+        raise WalkforgeError(f"int8 weights have 7 or 8 bits, got {bits!r}")
+    return float(2 ** (bits - 1) - 1)
 
 
 @dataclass(frozen=True)
@@ -127,10 +139,11 @@ def module_path(node: onnx.NodeProto) -> str:
     return ""
 
 
-def qdq_scales(amax: Mapping[str, float | np.ndarray], dtype: str = "fp8") -> dict[str, float | np.ndarray]:
-    """amax → scale (amax / 448 for fp8, amax / 127 for int8) in float32; zero amax gets a tiny
-    positive scale."""
-    top = np.float32(QDTYPES[dtype].max)
+def qdq_scales(amax: Mapping[str, float | np.ndarray], dtype: str = "fp8",
+               top: float | None = None) -> dict[str, float | np.ndarray]:
+    """amax → scale (amax / 448 for fp8, amax / 127 for int8, or amax / `top`: int8 weights at 7
+    bits, int8_weight_max) in float32; zero amax gets a tiny positive scale."""
+    top = np.float32(QDTYPES[dtype].max if top is None else top)
     out: dict[str, float | np.ndarray] = {}
     for name, value in amax.items():
         arr = np.maximum(np.asarray(value, dtype=np.float32), np.float32(1e-12)) / top

@@ -11,6 +11,8 @@ from walkforge.graphs.fp8 import ORT_DISABLED_OPTIMIZERS
 
 # CPU flags of the x86 instructions that sum u8×s8 products straight into int32 (exact).
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# Without them a pair of u8×s8 products is summed in int16: exact while 2·255·|w| ≤ 32767.
+PAIR_SAFE_WEIGHT_MAX = 32767 // (2 * 255)  # 64: 7-bit weights (±63) never saturate
 
 
 @functools.cache
@@ -24,13 +26,16 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
                            if line.startswith("flags")), []))
 
 
-def int8_pairs_saturate(flags: frozenset[str] | None = None) -> bool:
-    """Whether onnxruntime's u8×s8 GEMM kernels clamp on this CPU (`flags`: cpu_flags()): x86
-    without VNNI (AVX2, or AVX-512 without VNNI) sums each pair of products in int16
-    (vpmaddubsw) and saturates. With full-range int8 weights that moved small pi0's int8 actions
-    to cosine 0.9922 vs fp32 on an AMD EPYC (Zen 3, AVX2), where a VNNI Xeon gave 0.99991.
-    Other architectures: False. Unknown flags on x86 count as saturating (exact, slower, is the
-    safe side)."""
+def int8_pairs_saturate(flags: frozenset[str] | None = None, weight_max: float = 127) -> bool:
+    """Whether onnxruntime's u8×s8 GEMM kernels clamp on this CPU (`flags`: cpu_flags()) for int8
+    weights up to `weight_max` in magnitude: x86 without VNNI (AVX2, or AVX-512 without VNNI)
+    sums each pair of products in int16 (vpmaddubsw), which saturates once 2·255·weight_max
+    exceeds 32767. Full-range weights (±127) moved small pi0's int8 actions to cosine 0.9922 vs
+    fp32 on an AMD EPYC (Zen 3, AVX2), where a VNNI Xeon gave 0.99991; 7-bit weights (±63,
+    graphs.fp8.int8_weight_max) never saturate. Other architectures: False. Unknown flags on x86
+    count as saturating (exact, slower, is the safe side)."""
+    if weight_max <= PAIR_SAFE_WEIGHT_MAX:
+        return False
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return False
     flags = cpu_flags() if flags is None else flags
@@ -38,14 +43,15 @@ def int8_pairs_saturate(flags: frozenset[str] | None = None) -> bool:
 
 
 def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq: bool = False,
-                    arena: bool = True, prepack: bool = True):
+                    arena: bool = True, prepack: bool = True, int8_weight_max: float = 127):
     """Options every walkforge session uses. `spinning=False` for in-process parity with torch
     (onnxruntime's spinning threads starve torch's, TOOLCHAIN.md). `fuse_qdq` for int8 graphs:
-    onnxruntime then fuses their Q/DQ into integer kernels (exact ones: `int8_pairs_saturate`);
-    off, Q/DQ run as written (FP8).
-    `arena=False` for walks whose shapes vary per call (`varying_shapes`): onnxruntime's CPU arena
-    keeps the high-water mark of every shape it has seen, so a tiled VAE decode (tiles of four
-    sizes) held 3.0 GiB at 1024² where one 512² decode holds 1.7; without it, 1.4 GiB.
+    onnxruntime then fuses their Q/DQ into integer kernels (exact ones: `int8_pairs_saturate` for
+    weights up to `int8_weight_max`, the manifest's precision.int8_weight_max); off, Q/DQ run as
+    written (FP8).
+    `arena=False` for walks whose shapes vary with the image size (`varying_shapes`): onnxruntime's
+    CPU arena keeps the high-water mark of every shape it has seen, so a tiled VAE decode (tiles of
+    four sizes) held 3.0 GiB at 1024² where one 512² decode holds 1.7; without it, 1.4 GiB.
     `prepack=False` for the compiler's sessions of large walks: onnxruntime then reads GEMM weights
     where it maps them from the external data file, one page-cache copy that every session of the
     walk shares, instead of a private prepacked copy per session (full-size pi0 vision: 0.08 vs
@@ -62,23 +68,29 @@ def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     # FP8 Q/DQ must not be fused into int8-only kernels on CPU (TOOLCHAIN.md); int8 Q/DQ must.
     opts.add_session_config_entry("session.disable_quant_qdq", "0" if fuse_qdq else "1")
-    if fuse_qdq and int8_pairs_saturate():
+    if fuse_qdq and int8_pairs_saturate(weight_max=int8_weight_max):
         # onnxruntime then stores the int8 weights as uint8 (w + 128, zero point moved with it:
         # the same products) and runs its u8×u8 kernels, which widen to int16 before multiplying:
-        # exact, as VNNI is, so int8 results do not depend on the CPU. Costs ≈ 11% on small pi0.
+        # exact, as VNNI is, so int8 results do not depend on the CPU. Costs ≈ 12% on small pi0
+        # (7-bit weights need none of it: they run exactly on the u8×s8 kernels).
         opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 
 
-# Symbolic dims that size only the page pool and its tables, not the activations.
-PAGING_DIMS = ("num_pages", "max_pages")
+# Symbolic dims of image sizes (the VAE's latents and pixels, BAGEL's latent grid and image): any
+# size a user asks for, and within one run the tiles of a tiled VAE decode (up to four sizes). The
+# arena would keep a block for each size seen (`varying_shapes`).
+# Other symbolic dims (batch, pi0's views and prompt length) are bounded by the bundle, so the
+# arena's high-water mark is at most one largest call: it serves them, and without it pi0's prefill
+# re-faulted its large activations on every call (small pi0 int8, same process alternating:
+# prefill 279 → 245 ms with the arena).
+IMAGE_DIMS = ("height", "width", "sample_height", "sample_width", "grid_h", "grid_w")
 
 
 def varying_shapes(inputs) -> bool:
-    """Whether a walk's activation sizes change from call to call beyond the batch: an input
-    (graphs.walk.TensorSpec) has a symbolic dim other than batch and the paging dims (vae:
-    height, width; pi0 with compacted prefixes: views, prompt length)."""
-    return any(isinstance(d, str) and d not in ("batch", *PAGING_DIMS) for s in inputs for d in s.shape)
+    """Whether a walk's activation sizes vary with the image size asked for (an input,
+    graphs.walk.TensorSpec, has an IMAGE_DIMS dim: the VAE's walks, BAGEL's denoise and decode)."""
+    return any(d in IMAGE_DIMS for s in inputs for d in s.shape)
 
 
 # Common-subexpression elimination merges the Q → DQ pairs the int8 pass gives each GEMM back into

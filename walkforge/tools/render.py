@@ -69,7 +69,7 @@ def show_verify(console: Console, result: dict[str, Any]) -> None:
 
 
 def show_bench(console: Console, report: dict[str, Any]) -> None:
-    console.print(f"{report['machine']}, batch {report['batch']}")
+    console.print(f"{report['machine']}, batch {report['batch']}", markup=False)
     from walkforge.tools.bench import REFERENCES, ratio_key
 
     refs = [r for r in REFERENCES if ratio_key(r) in report] or ["torch"]

@@ -64,10 +64,13 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
         raise WalkforgeError("bundle has no 'cpu' target")
     if bundle.manifest.get("precision", {}).get("weights") == "bf16":
         raise WalkforgeError(BF16_REFUSAL)
-    int8 = bundle.manifest.get("precision", {}).get("activations") == "int8"  # fuse its Q/DQ
+    precision = bundle.manifest.get("precision", {})
+    int8 = precision.get("activations") == "int8"  # fuse its Q/DQ
+    weight_max = precision.get("int8_weight_max", 127)  # absent: an older bundle's full-range weights
     threads = options.threads or physical_cores()
     return {name: OrtEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)),
-                            threads, options.spinning, fuse_qdq=int8, prepack=options.prepack)
+                            threads, options.spinning, fuse_qdq=int8, prepack=options.prepack,
+                            int8_weight_max=weight_max)
             for name, rel in target["walks"].items()}
 
 
