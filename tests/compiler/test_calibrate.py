@@ -223,7 +223,7 @@ def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
 def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -> None:
     """One calibration for both dtypes and both int8 weight widths: an int8 compile reusing an
     fp8 bundle's scales gets the same amax (activation scales × 448/127, weight scales × 448/63:
-    7-bit weights by default), and an 8-bit compile reusing that one weight scales × 63/127. Its
+    7-bit weights asked for), and a default 8-bit compile reusing that one weight scales × 63/127. Its
     cpu engines fuse the int8 Q/DQ; 7-bit weights never need the exact u8×u8 kernels, full-range
     ones do where pairs saturate (graphs.ort.int8_pairs_saturate)."""
     from walkforge import CompileRequest, compile_bundle
@@ -234,9 +234,9 @@ def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -
     from walkforge.graphs.ort import int8_pairs_saturate
 
     compile_bundle(CompileRequest("vae", tmp_path / "fp8", precision="fp8", calib_samples=1))
-    manifest = compile_bundle(CompileRequest("vae", tmp_path / "int8", precision="int8",
+    manifest = compile_bundle(CompileRequest("vae", tmp_path / "int8", precision="int8", int8_weight_bits=7,
                                              reuse_calibration=tmp_path / "fp8"))
-    wide = compile_bundle(CompileRequest("vae", tmp_path / "int8w8", precision="int8", int8_weight_bits=8,
+    wide = compile_bundle(CompileRequest("vae", tmp_path / "int8w8", precision="int8",
                                          reuse_calibration=tmp_path / "int8"))
     assert manifest["precision"]["weights"] == manifest["precision"]["activations"] == "int8"
     assert (manifest["precision"]["int8_weight_max"], wide["precision"]["int8_weight_max"]) == (63, 127)

@@ -55,7 +55,7 @@ def test_full_range_int8_gemm_is_exact_on_this_cpu() -> None:
 
 
 def test_seven_bit_weights_are_exact_on_the_fast_kernels() -> None:
-    """Weights at ±63 (--int8-weight-bits 7, the default) never need the exact-kernel option: a
+    """Weights at ±63 (--int8-weight-bits 7) never need the exact-kernel option: a
     pair of products stays within int16 (2·255·63 < 32767), so the u8×s8 kernels every x86 CPU
     runs here are exact."""
     top = int(int8_weight_max(7))

@@ -81,7 +81,7 @@ class CompileRequest:
     walks: tuple[str, ...] = ()  # walks to compile where the recipe offers a choice (vae: decode,encode)
     tokenizer: Path | None = None  # a local tokenizer folder bundled for text prompts (pi0, pi05)
     reference_weights: bool = True  # False (--no-reference-weights): no WEIGHTS_FILE in the bundle
-    int8_weight_bits: int = 7  # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max
+    int8_weight_bits: int = 8  # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max
 
     def __post_init__(self) -> None:
         from walkforge.compiler.calibrate import METHODS

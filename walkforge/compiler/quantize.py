@@ -5,7 +5,7 @@
    from an earlier bundle with the same weights (`reuse`). One artifact holds them all:
    `calib/scales.safetensors`, keys `<walk>/act/<tensor>` and `<walk>/weight/<initializer>`,
    metadata `dtype` and `weight_max` (scales are amax / the dtype's max, weights' amax / weight_max:
-   int8 weights have 7 bits by default; reused scales convert between dtypes and weight widths).
+   int8 weights have 8 bits by default, 7 on request; reused scales convert between dtypes and weight widths).
 2. Quantise: the Q/DQ pass (graphs/fp8.py) in that dtype over every walk, minus excluded nodes.
 3. Gate (`min_cosine`): end-to-end cosine of the front API's outputs vs the fp32 engines on
    held-out inputs. While below the gate, exclude the most sensitive nodes (each measured by
@@ -62,7 +62,7 @@ class Fp8Options:
     min_cosine: float | None = None  # end-to-end gate; None = measure, never exclude
     exclude: tuple[str, ...] = ()  # node names or torch module paths never quantised
     dtype: str = "fp8"
-    int8_weight_bits: int = 7  # int8 weights at ±63 (7) or ±127 (8): graphs.fp8.int8_weight_max
+    int8_weight_bits: int = 8  # int8 weights at ±63 (7) or ±127 (8): graphs.fp8.int8_weight_max
 
     @property
     def weight_max(self) -> float:
