@@ -72,13 +72,14 @@ def cli(verbose: bool) -> None:
                    "--min-cosine and --fp8-exclude options serve both. bf16: bf16 weights and "
                    "GEMM/conv math, fp32 norms/softmax/Euler update (for TensorRT and cuda; the cpu "
                    "backend refuses it, the compile checks it on CPU by emulation).")
-@click.option("--int8-weight-bits", type=click.Choice(["7", "8"]), default="8", show_default=True,
+@click.option("--int8-weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto",
+              show_default=True,
               help="int8: weights at ±127 (8) or ±63 (7). On CPUs without VNNI (AVX2, AVX-512 "
                    "without VNNI) 8-bit weights run on onnxruntime's slower exact kernels; 7-bit ones "
                    "run exactly on the fast kernels of every x86 CPU (small pi0 ≈ 12%% faster there) "
-                   "at a cost in accuracy (full-size pi0 actions cosine vs fp32 "
-                   "0.9996 → 0.9975): check the compile's gate. VNNI/AMX CPUs and TensorRT run both "
-                   "at one speed.")
+                   "at a cost in accuracy (full-size pi0 actions cosine vs fp32 0.9996 → 0.9975). "
+                   "auto: 7 where the end-to-end cosine stays ≥ 0.999 (and --min-cosine), else 8; "
+                   "the compile says which. VNNI/AMX CPUs and TensorRT run both at one speed.")
 @click.option("--calib-samples", default=8, show_default=True,
               help="fp8: seeded synthetic example batches to calibrate on (the recipe's fake_inputs).")
 @click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -133,7 +134,7 @@ def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, confi
                          kv_dtype=kv_dtype, weights_variant=weights_variant,
                          walks=tuple(w for w in walks.split(",") if w), tokenizer=tokenizer,
                          reference_weights=not no_reference_weights,
-                         int8_weight_bits=int(int8_weight_bits))
+                         int8_weight_bits=None if int8_weight_bits == "auto" else int(int8_weight_bits))
     manifest = compile_bundle(req, Progress(console=err))
     size = sum(f["size"] for f in manifest["files"].values())
     err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")

@@ -223,7 +223,7 @@ def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
 def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -> None:
     """One calibration for both dtypes and both int8 weight widths: an int8 compile reusing an
     fp8 bundle's scales gets the same amax (activation scales × 448/127, weight scales × 448/63:
-    7-bit weights asked for), and a default 8-bit compile reusing that one weight scales × 63/127. Its
+    7-bit weights asked for), and an 8-bit compile reusing that one weight scales × 63/127. Its
     cpu engines fuse the int8 Q/DQ; 7-bit weights never need the exact u8×u8 kernels, full-range
     ones do where pairs saturate (graphs.ort.int8_pairs_saturate)."""
     from walkforge import CompileRequest, compile_bundle
@@ -236,7 +236,7 @@ def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -
     compile_bundle(CompileRequest("vae", tmp_path / "fp8", precision="fp8", calib_samples=1))
     manifest = compile_bundle(CompileRequest("vae", tmp_path / "int8", precision="int8", int8_weight_bits=7,
                                              reuse_calibration=tmp_path / "fp8"))
-    wide = compile_bundle(CompileRequest("vae", tmp_path / "int8w8", precision="int8",
+    wide = compile_bundle(CompileRequest("vae", tmp_path / "int8w8", precision="int8", int8_weight_bits=8,
                                          reuse_calibration=tmp_path / "int8"))
     assert manifest["precision"]["weights"] == manifest["precision"]["activations"] == "int8"
     assert (manifest["precision"]["int8_weight_max"], wide["precision"]["int8_weight_max"]) == (63, 127)
@@ -274,3 +274,40 @@ def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -
         if int8_pairs_saturate():
             assert engine.session.get_session_options().get_session_config_entry(
                 "session.x64quantprecision") == "1"
+
+
+@pytest.mark.parametrize("floor, bits", [(0.0, 7), (1.0, 8)])
+def test_int8_weight_bits_auto_keeps_seven_bits_only_where_accurate(tmp_path, monkeypatch, floor,
+                                                                    bits) -> None:
+    """The default (`int8_weight_bits=None`, --int8-weight-bits auto) quantises 7-bit weights, keeps
+    them where the end-to-end cosine reaches SEVEN_BIT_MIN_COSINE (here forced to 0: always; 1:
+    never, as no quantised bundle is exact), else requantises at 8 bits from the same amax: weight
+    scales × 63/127, activations unchanged. The manifest records both cosines it measured."""
+    from walkforge import CompileRequest, compile_bundle
+    from walkforge.compiler import quantize
+    from walkforge.compiler.quantize import SCALES_FILE
+    from walkforge.compiler.quantize import load_scales as load_bundle_scales
+
+    compile_bundle(CompileRequest("vae", tmp_path / "seven", precision="int8", int8_weight_bits=7,
+                                  calib_samples=1))
+    monkeypatch.setattr(quantize, "SEVEN_BIT_MIN_COSINE", floor)
+    auto = compile_bundle(CompileRequest("vae", tmp_path / "auto", precision="int8",
+                                         reuse_calibration=tmp_path / "seven"))
+    calib = auto["precision"]["calibration"]
+    assert auto["precision"]["int8_weight_max"] == calib["weight_max"] == {7: 63, 8: 127}[bits]
+    tried = calib["weight_bits"]["cosine"]
+    assert sorted(tried) == (["7"] if bits == 7 else ["7", "8"])
+    assert calib["end_to_end"]["cosine"] == tried[str(bits)]
+    (seven, _), (chosen, meta) = (load_bundle_scales(tmp_path / d / SCALES_FILE) for d in ("seven", "auto"))
+    assert meta["weight_max"] == calib["weight_max"]
+    assert chosen["decode"][0] == seven["decode"][0]
+    ratio = np.float32(63 / calib["weight_max"])
+    for k, v in seven["decode"][1].items():
+        np.testing.assert_array_equal(chosen["decode"][1][k], v * ratio if bits == 8 else v)
+    from rich.console import Console
+
+    from walkforge.tools.render import show_manifest
+
+    console = Console(record=True, width=200)
+    show_manifest(console, auto)
+    assert f"precision: weights int8 ({bits}-bit, auto), activations int8" in console.export_text()

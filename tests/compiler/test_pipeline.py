@@ -140,7 +140,7 @@ def test_variant_and_checkpoint_together_refused(tmp_path: Path, tiny_checkpoint
     ("gpu_archs", ("sm_90", "sm90"), "--gpu-archs: 'sm90' is not an architecture like sm_90"),
     ("gpu_archs", ("gfx90a",), "--gpu-archs: 'gfx90a' is not an architecture like sm_90"),
     ("calib_samples", 0, "--calib-samples must be at least 1, got 0"),
-    ("int8_weight_bits", 4, "--int8-weight-bits must be 7 or 8, got 4"),
+    ("int8_weight_bits", 4, "--int8-weight-bits must be 7, 8 or None (auto), got 4"),
     ("calib_method", "entropy", "--calib-method must be one of max, percentile, got 'entropy'"),
     ("calib_percentile", 0.0, "--calib-percentile must be in (0, 100], got 0.0"),
     ("calib_percentile", 100.5, "--calib-percentile must be in (0, 100], got 100.5"),

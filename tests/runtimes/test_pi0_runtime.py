@@ -323,3 +323,24 @@ def test_bench_prints_the_cpu_flags_it_measured_on():
     console = Console(record=True, width=200)
     show_bench(console, report)
     assert "Linux AMD EPYC [avx2], 2 cores" in console.export_text()
+
+
+def test_only_the_loop_body_keeps_spinning_after_a_run(bundle) -> None:
+    """Each walk's session has its own thread pool; vision's and prefill's stop spinning when a
+    run returns (their cores go to the next walk's session), denoise's, which runs again right
+    after itself, keep spinning. `spinning=False` sessions never spin."""
+    from walkforge.graphs.ort import STOP_SPINNING_AFTER_RUN
+
+    def stops(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry(STOP_SPINNING_AFTER_RUN) == "1"
+        except RuntimeError:  # "does not have configuration": not set
+            return False
+
+    spinning = walkforge.load(bundle.root).engines
+    assert {name: stops(e.session) for name, e in spinning.items()} == {
+        "vision": True, "prefill": True, "denoise": False}
+    quiet = walkforge.load(bundle.root, spinning=False).engines
+    assert not any(stops(e.session) for e in quiet.values())
+    assert all(e.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0" for e in quiet.values())

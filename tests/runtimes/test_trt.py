@@ -12,8 +12,9 @@ from onnx import TensorProto, helper
 from tolerances import rel_err
 
 from walkforge.errors import WalkforgeError
+from walkforge.graphs.walk import loop_bodies
 from walkforge.plugins.constants import DOMAIN, PLUGIN_NAMESPACE
-from walkforge.runtimes.backends import Options, _cuda
+from walkforge.runtimes.backends import Options
 from walkforge.runtimes.backends import trt as trt_runtime
 from walkforge.runtimes.backends.trt import build as trt_build
 
@@ -124,7 +125,7 @@ def test_select_target_picks_the_fitting_build():
 
 def test_loop_bodies_are_the_graph_captured_walks():
     plan = ["vision", "prefill", {"loop": "denoise", "count": "num_steps", "carry": {}, "schedule": ""}]
-    assert _cuda.loop_bodies(plan) == {"denoise"}
+    assert loop_bodies(plan) == {"denoise"}
 
 
 # ---------------------------------------------------------------- availability without TensorRT

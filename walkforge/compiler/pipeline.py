@@ -35,7 +35,7 @@ from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime
 from walkforge.compiler.weights_file import write_safetensors
 from walkforge.errors import CompileError, WalkforgeError
-from walkforge.graphs.fp8 import INT8_WEIGHT_BITS
+from walkforge.graphs.fp8 import INT8_WEIGHT_BITS, SEVEN_BIT_MIN_COSINE, int8_weight_max
 from walkforge.graphs.walk import GraphNode
 from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.progress import Progress
@@ -81,7 +81,9 @@ class CompileRequest:
     walks: tuple[str, ...] = ()  # walks to compile where the recipe offers a choice (vae: decode,encode)
     tokenizer: Path | None = None  # a local tokenizer folder bundled for text prompts (pi0, pi05)
     reference_weights: bool = True  # False (--no-reference-weights): no WEIGHTS_FILE in the bundle
-    int8_weight_bits: int = 8  # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max
+    # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max; None (--int8-weight-bits
+    # auto): 7 where the end-to-end cosine stays ≥ graphs.fp8.SEVEN_BIT_MIN_COSINE, else 8
+    int8_weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         from walkforge.compiler.calibrate import METHODS
@@ -90,7 +92,8 @@ class CompileRequest:
             "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             "kv_dtype": (self.kv_dtype in KV_DTYPES, f"one of {', '.join(KV_DTYPES)}"),
             "calib_samples": (self.calib_samples >= 1, "at least 1"),
-            "int8_weight_bits": (self.int8_weight_bits in INT8_WEIGHT_BITS, "7 or 8"),
+            "int8_weight_bits": (self.int8_weight_bits in (None, *INT8_WEIGHT_BITS),
+                                 "7, 8 or None (auto)"),
             "calib_method": (self.calib_method in METHODS, f"one of {', '.join(METHODS)}"),
             "calib_percentile": (0 < self.calib_percentile <= 100, "in (0, 100]"),
             "fp8_min_cosine": (self.fp8_min_cosine is None or 0 < self.fp8_min_cosine <= 1, "in (0, 1]"),
@@ -378,6 +381,11 @@ def calibrate(job: Job) -> dict[str, int]:
     job.progress.say(f"{req.precision} vs fp32 end to end: cosine {e2e['cosine']:.6f}, "
                      f"rel err {e2e['rel']:.2e}"
                      + (f"; kept in fp32: {', '.join(excluded)}" if excluded else ""))
+    if "weight_bits" in entry:  # int8, --int8-weight-bits auto
+        floor, seven = max(SEVEN_BIT_MIN_COSINE, req.fp8_min_cosine or 0), entry["weight_bits"]["cosine"]["7"]
+        job.progress.say(f"int8 weights: 7 bits (end-to-end cosine {seven:.6f} ≥ {floor})"
+                         if entry["weight_max"] == int8_weight_max(7) else
+                         f"int8 weights: 8 bits (7 bits gave end-to-end cosine {seven:.6f} < {floor})")
     return counts | {"excluded": len(excluded)}
 
 

@@ -7,6 +7,8 @@
    metadata `dtype` and `weight_max` (scales are amax / the dtype's max, weights' amax / weight_max:
    int8 weights have 8 bits by default, 7 on request; reused scales convert between dtypes and weight widths).
 2. Quantise: the Q/DQ pass (graphs/fp8.py) in that dtype over every walk, minus excluded nodes.
+   int8 weights by default (`int8_weight_bits=None`): 7 bits where the end-to-end cosine stays at
+   or above graphs.fp8.SEVEN_BIT_MIN_COSINE (and the gate), else 8 bits (the same scales, rescaled).
 3. Gate (`min_cosine`): end-to-end cosine of the front API's outputs vs the fp32 engines on
    held-out inputs. While below the gate, exclude the most sensitive nodes (each measured by
    quantising it alone), doubling how many, and quantise again. Reports what it excluded.
@@ -43,7 +45,7 @@ from walkforge.compiler.export import op_counts
 from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime, host_copy
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import QDTYPES, int8_weight_max, qdq_scales
+from walkforge.graphs.fp8 import QDTYPES, SEVEN_BIT_MIN_COSINE, int8_weight_max, qdq_scales
 
 SCALES_FILE = "calib/scales.safetensors"
 HELD_OUT_SEEDS = (7001, 7002)  # end-to-end gate inputs; calibration uses seed + 1000 + k
@@ -62,12 +64,16 @@ class Fp8Options:
     min_cosine: float | None = None  # end-to-end gate; None = measure, never exclude
     exclude: tuple[str, ...] = ()  # node names or torch module paths never quantised
     dtype: str = "fp8"
-    int8_weight_bits: int = 8  # int8 weights at ±63 (7) or ±127 (8): graphs.fp8.int8_weight_max
+    # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max; None: 7 where accurate enough
+    int8_weight_bits: int | None = None
 
     @property
     def weight_max(self) -> float:
-        """The largest quantised weight magnitude: weights' scales are their amax / this."""
-        return int8_weight_max(self.int8_weight_bits) if self.dtype == "int8" else QDTYPES[self.dtype].max
+        """The largest quantised weight magnitude to start from: weights' scales are their amax /
+        this (int8 with bits chosen by accuracy: 7 bits first)."""
+        if self.dtype != "int8":
+            return QDTYPES[self.dtype].max
+        return int8_weight_max(7 if self.int8_weight_bits is None else self.int8_weight_bits)
 
 
 def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
@@ -105,6 +111,17 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
             return excluded, counts, _end_to_end(runtime, bundle, held_out, reference)
 
         excluded, counts, e2e = attempt(0)
+        if opts.dtype == "int8" and opts.int8_weight_bits is None:
+            tried = {"7": e2e["cosine"]}
+            if e2e["cosine"] < max(SEVEN_BIT_MIN_COSINE, opts.min_cosine or 0):
+                full = int8_weight_max(8)
+                scales = rescaled(scales, weight_ratio=np.float32(meta["weight_max"] / full))
+                meta = {**meta, "weight_max": full}
+                save_scales(bundle.path(SCALES_FILE), scales, meta)
+                bundle.manifest["precision"]["int8_weight_max"] = int(full)
+                excluded, counts, e2e = attempt(0)
+                tried["8"] = e2e["cosine"]
+            meta = {**meta, "weight_bits": {"auto": True, "cosine": tried}}
         if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
             ranking = sensitivity_ranking(fp32, scales, first, opts.dtype)
             excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e,
@@ -174,14 +191,22 @@ def reused_scales(old: Path, manifest: Mapping[str, Any], dtype: str = "fp8",
     act_ratio = np.float32(their_max / QDTYPES[dtype].max)
     weight_max = QDTYPES[dtype].max if weight_max is None else weight_max
     weight_ratio = np.float32(meta.get("weight_max", their_max) / weight_max)  # absent before 0.3.2
-    if act_ratio != 1 or weight_ratio != 1:
-        scales = {walk: ({k: float(np.float32(v) * act_ratio) for k, v in act.items()},
-                         {k: (v * weight_ratio).astype(np.float32) for k, v in weights.items()})
-                  for walk, (act, weights) in scales.items()}
+    scales = rescaled(scales, act_ratio, weight_ratio)
     if set(scales) != set(manifest["walks"]):
         raise WalkforgeError(f"--reuse-calibration {old}: walks {sorted(scales)} differ from "
                              f"{sorted(manifest['walks'])}")
     return scales, {**meta, "dtype": dtype, "weight_max": weight_max, "reused_from": str(old)}
+
+
+def rescaled(scales: Scales, act_ratio: float = 1.0, weight_ratio: float = 1.0) -> Scales:
+    """`scales` with activations' times `act_ratio` and weights' times `weight_ratio` (float32):
+    for another dtype's max or another int8 weight width (the amax they stand for is the same)."""
+    if act_ratio == 1 and weight_ratio == 1:
+        return scales
+    act_ratio, weight_ratio = np.float32(act_ratio), np.float32(weight_ratio)
+    return {walk: ({k: float(np.float32(v) * act_ratio) for k, v in act.items()},
+                   {k: (v * weight_ratio).astype(np.float32) for k, v in weights.items()})
+            for walk, (act, weights) in scales.items()}
 
 
 def save_scales(path: Path, scales: Scales, meta: Mapping[str, Any]) -> None:

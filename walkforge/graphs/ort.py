@@ -43,9 +43,12 @@ def int8_pairs_saturate(flags: frozenset[str] | None = None, weight_max: float =
 
 
 def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq: bool = False,
-                    arena: bool = True, prepack: bool = True, int8_weight_max: float = 127):
+                    arena: bool = True, prepack: bool = True, int8_weight_max: float = 127,
+                    spin_after_run: bool = True):
     """Options every walkforge session uses. `spinning=False` for in-process parity with torch
-    (onnxruntime's spinning threads starve torch's, TOOLCHAIN.md). `fuse_qdq` for int8 graphs:
+    (onnxruntime's spinning threads starve torch's, TOOLCHAIN.md). `spin_after_run=False`: the
+    pool's threads spin within a run and stop when it returns, for a walk that another session
+    runs after (`STOP_SPINNING_AFTER_RUN`). `fuse_qdq` for int8 graphs:
     onnxruntime then fuses their Q/DQ into integer kernels (exact ones: `int8_pairs_saturate` for
     weights up to `int8_weight_max`, the manifest's precision.int8_weight_max); off, Q/DQ run as
     written (FP8).
@@ -64,6 +67,8 @@ def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq:
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning and not spin_after_run:
+        opts.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "1")
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     # FP8 Q/DQ must not be fused into int8-only kernels on CPU (TOOLCHAIN.md); int8 Q/DQ must.
@@ -76,6 +81,13 @@ def session_options(threads: int | None = None, spinning: bool = True, fuse_qdq:
         opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 
+
+# Each session has its own intra-op pool, whose threads spin for a while after a run returns. On
+# a chain of sessions (pi0: vision → prefill → the denoise loop) that spinning took cores from the
+# next walk: small pi0 int8 on 2 cores, each variant in its own process taking turns, 14 runs,
+# end to end 583.6 ms as before, 508.7 with every session stopping, 478.9 with all but the loop
+# body's (denoise runs again right after itself: stopping there cost ≈ 2 ms per step).
+STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
 
 # Symbolic dims of image sizes (the VAE's latents and pixels, BAGEL's latent grid and image): any
 # size a user asks for, and within one run the tiles of a tiled VAE decode (up to four sizes). The

@@ -167,3 +167,9 @@ class Sequential:
 
     def plan(self) -> list[Any]:
         return [s.to_json() if isinstance(s, Loop) else s for s in self.steps]
+
+
+def loop_bodies(plan: list) -> set[str]:
+    """Walks a plan (`Sequential.plan()`, the manifest's `plan`) runs in a Loop, step after step:
+    replayed from CUDA graphs by the GPU backends; their cpu sessions keep spinning between runs."""
+    return {step["loop"] for step in plan if isinstance(step, dict)}

@@ -24,7 +24,11 @@ def show_manifest(console: Console, m: dict[str, Any]) -> None:
               f"walkforge {m['walkforge_version']}  created {m.get('created')}")
     console.print(f"weights: {w['fingerprint']}  ({w['parameters']:,} parameters, source {w['source']})")
     p = m["precision"]
-    console.print(f"precision: weights {p['weights']}, activations {p['activations']}, KV {p['kv']}")
+    weights = p["weights"]
+    if "int8_weight_max" in p:  # int8 since 0.3.2: 7-bit (±63) or 8-bit (±127) weights
+        auto = "weight_bits" in p.get("calibration", {})
+        weights += f" ({8 if p['int8_weight_max'] > 63 else 7}-bit{', auto' if auto else ''})"
+    console.print(f"precision: weights {weights}, activations {p['activations']}, KV {p['kv']}")
     if calib := p.get("calibration"):
         e2e = calib["end_to_end"]
         source = f"reused from {calib['reused_from']}" if "reused_from" in calib else \

@@ -30,8 +30,3 @@ def onnxruntime_cuda() -> str:
         return ""
     return (f"onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime {ort.__version__} "
             f"has {', '.join(providers)} only")
-
-
-def loop_bodies(plan: list) -> set[str]:
-    """Walks the plan runs in a Loop (replayed from CUDA graphs by the GPU backends)."""
-    return {step["loop"] for step in plan if isinstance(step, dict)}

@@ -2,7 +2,8 @@
 
 The page pool is a host numpy array; every run binds it (no copy) as the writer's input and
 output through IOBinding, so prefill writes it in place and denoise reads the same memory.
-Each session runs on `threads` intra-op threads, by default every physical core. An int8 bundle's
+Each session runs on `threads` intra-op threads, by default every physical core; only a loop
+body's keep spinning after a run (graphs.ort.STOP_SPINNING_AFTER_RUN). An int8 bundle's
 sessions fuse its Q/DQ into onnxruntime's integer kernels (graphs/ort.py).
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.walk import numpy_dtype
+from walkforge.graphs.walk import loop_bodies, numpy_dtype
 from walkforge.runtimes.engine import Contract
 from walkforge.runtimes.kv_pool import PoolSpec
 
@@ -68,9 +69,10 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
     int8 = precision.get("activations") == "int8"  # fuse its Q/DQ
     weight_max = precision.get("int8_weight_max", 127)  # absent: an older bundle's full-range weights
     threads = options.threads or physical_cores()
+    looped = loop_bodies(bundle.manifest.get("plan", []))  # run again right after themselves
     return {name: OrtEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)),
                             threads, options.spinning, fuse_qdq=int8, prepack=options.prepack,
-                            int8_weight_max=weight_max)
+                            int8_weight_max=weight_max, spin_after_run=name in looped)
             for name, rel in target["walks"].items()}
 
 

@@ -30,12 +30,14 @@ class OrtEngine:
 
     def __init__(self, name: str, path: Path, contract: Contract, threads: int | None = None,
                  spinning: bool = True, providers: tuple[Any, ...] = ("CPUExecutionProvider",),
-                 fuse_qdq: bool = False, prepack: bool = True, int8_weight_max: float = 127) -> None:
+                 fuse_qdq: bool = False, prepack: bool = True, int8_weight_max: float = 127,
+                 spin_after_run: bool = True) -> None:
         self.name = name
         self.inputs, self.outputs, self.aliases = contract.inputs, contract.outputs, contract.aliases
         try:
             opts = session_options(threads, spinning, fuse_qdq, arena=not varying_shapes(self.inputs),
-                                   prepack=prepack, int8_weight_max=int8_weight_max)
+                                   prepack=prepack, int8_weight_max=int8_weight_max,
+                                   spin_after_run=spin_after_run)
             self.session = ort.InferenceSession(str(path), opts,
                                                 **session_kwargs(list(providers), fuse_qdq))
         except Exception as exc:  # onnxruntime raises untyped pybind errors

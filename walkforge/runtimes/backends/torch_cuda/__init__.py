@@ -17,7 +17,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
-from walkforge.graphs.walk import GraphNode, Sequential
+from walkforge.graphs.walk import GraphNode, Sequential, loop_bodies
 from walkforge.runtimes.backends import _cuda
 from walkforge.runtimes.backends.torch import allocate_pool as torch_pool
 from walkforge.runtimes.backends.torch import build_model
@@ -77,7 +77,7 @@ def walk_engines(walks: Sequential, cuda_graphs: bool = True) -> dict[str, Any]:
 
     register_cuda_kernels()
     resident = frozenset(name for node in walks.nodes for name in node.aliases.values())
-    graphed = _cuda.loop_bodies(walks.plan()) if cuda_graphs else set()
+    graphed = loop_bodies(walks.plan()) if cuda_graphs else set()
     engines: dict[str, Any] = {}
     for node in walks.nodes:
         engine = TorchCudaEngine(node)

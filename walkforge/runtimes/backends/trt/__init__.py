@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from walkforge.errors import WalkforgeError
+from walkforge.graphs.walk import loop_bodies
 from walkforge.runtimes.backends import _cuda
 from walkforge.runtimes.backends.torch import allocate_pool as torch_pool
 from walkforge.runtimes.kv_pool import PoolSpec
@@ -110,7 +111,7 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
 
     gpu, cc = gpu_info()
     _, target = select_target(bundle.manifest, gpu, cc, trt.__version__)
-    graphed = _cuda.loop_bodies(bundle.manifest.get("plan", [])) if options.cuda_graphs else set()
+    graphed = loop_bodies(bundle.manifest.get("plan", [])) if options.cuda_graphs else set()
     contracts = {name: Contract.from_json(bundle.walk(name)) for name in target["walks"]}
     resident = frozenset(i for c in contracts.values() for i in c.aliases.values())
     engines: dict[str, Any] = {}
