@@ -295,6 +295,7 @@ def test_int8_weight_bits_auto_keeps_seven_bits_only_where_accurate(tmp_path, mo
                                          reuse_calibration=tmp_path / "seven"))
     calib = auto["precision"]["calibration"]
     assert auto["precision"]["int8_weight_max"] == calib["weight_max"] == {7: 63, 8: 127}[bits]
+    assert (calib["weight_bits"]["bits"], calib["weight_bits"]["min_cosine"]) == (bits, floor)
     tried = calib["weight_bits"]["cosine"]
     assert sorted(tried) == (["7"] if bits == 7 else ["7", "8"])
     assert calib["end_to_end"]["cosine"] == tried[str(bits)]

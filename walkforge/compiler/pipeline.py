@@ -35,7 +35,7 @@ from walkforge.compiler.passes import add_counts, run_pass
 from walkforge.compiler.runtime import Runtime
 from walkforge.compiler.weights_file import write_safetensors
 from walkforge.errors import CompileError, WalkforgeError
-from walkforge.graphs.fp8 import INT8_WEIGHT_BITS, SEVEN_BIT_MIN_COSINE, int8_weight_max
+from walkforge.graphs.fp8 import INT8_WEIGHT_BITS
 from walkforge.graphs.walk import GraphNode
 from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.progress import Progress
@@ -382,9 +382,10 @@ def calibrate(job: Job) -> dict[str, int]:
                      f"rel err {e2e['rel']:.2e}"
                      + (f"; kept in fp32: {', '.join(excluded)}" if excluded else ""))
     if "weight_bits" in entry:  # int8, --int8-weight-bits auto
-        floor, seven = max(SEVEN_BIT_MIN_COSINE, req.fp8_min_cosine or 0), entry["weight_bits"]["cosine"]["7"]
+        auto = entry["weight_bits"]
+        seven, floor = auto["cosine"]["7"], auto["min_cosine"]
         job.progress.say(f"int8 weights: 7 bits (end-to-end cosine {seven:.6f} ≥ {floor})"
-                         if entry["weight_max"] == int8_weight_max(7) else
+                         if auto["bits"] == 7 else
                          f"int8 weights: 8 bits (7 bits gave end-to-end cosine {seven:.6f} < {floor})")
     return counts | {"excluded": len(excluded)}
 

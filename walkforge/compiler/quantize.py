@@ -112,8 +112,8 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
 
         excluded, counts, e2e = attempt(0)
         if opts.dtype == "int8" and opts.int8_weight_bits is None:
-            tried = {"7": e2e["cosine"]}
-            if e2e["cosine"] < max(SEVEN_BIT_MIN_COSINE, opts.min_cosine or 0):
+            tried, floor = {"7": e2e["cosine"]}, max(SEVEN_BIT_MIN_COSINE, opts.min_cosine or 0)
+            if e2e["cosine"] < floor:
                 full = int8_weight_max(8)
                 scales = rescaled(scales, weight_ratio=np.float32(meta["weight_max"] / full))
                 meta = {**meta, "weight_max": full}
@@ -121,7 +121,8 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
                 bundle.manifest["precision"]["int8_weight_max"] = int(full)
                 excluded, counts, e2e = attempt(0)
                 tried["8"] = e2e["cosine"]
-            meta = {**meta, "weight_bits": {"auto": True, "cosine": tried}}
+            meta = {**meta, "weight_bits": {"auto": True, "bits": 8 if "8" in tried else 7,
+                                            "min_cosine": floor, "cosine": tried}}
         if opts.min_cosine is not None and e2e["cosine"] < opts.min_cosine:
             ranking = sensitivity_ranking(fp32, scales, first, opts.dtype)
             excluded, counts, e2e = _fewest_exclusions(attempt, len(ranking), opts.min_cosine, e2e,

@@ -51,8 +51,8 @@ INT8_MAX = 127.0  # symmetric: [-127, 127], so -w and w quantise alike
 INT8_WEIGHT_BITS = (7, 8)  # int8 weights: ±63 (7 bits) or ±127 (8); see int8_weight_max
 # The compile's default (`--int8-weight-bits auto`) keeps 7-bit weights where the bundle's
 # end-to-end cosine vs fp32 stays at or above this (and --min-cosine), else takes 8 bits: the
-# accuracy #15 asks of int8 pi0. Measured: small pi0 0.999888 at 7 bits (kept: 0.45-0.47x torch
-# fp32 on an AVX2 EPYC, where 8 bits give 0.57x); full-size pi0 0.997522 (8 bits: 0.999576).
+# accuracy #15 asks of int8 pi0. Measured: small pi0 0.999888 at 7 bits (kept: 0.43-0.45x torch
+# fp32 on an AVX2 EPYC, where 8 bits give 0.50x); full-size pi0 0.997522 (8 bits: 0.999576).
 SEVEN_BIT_MIN_COSINE = 0.999
 
 
