@@ -135,6 +135,12 @@ def test_unreadable_inputs_file(tiny_bundle: Path, tmp_path: Path, capsys: pytes
     assert "not a readable npz" in line and "in.npz" in line
 
 
+def test_bench_inputs_with_batch(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    np.savez(tmp_path / "in.npz", latents=np.zeros((2, 4, 8, 8), np.float32))
+    line = main_error(capsys, "bench", tiny_bundle, "--inputs", tmp_path / "in.npz", "--batch", "2")
+    assert line.endswith("bench --inputs takes no --batch or --dim: the npz's arrays set the sizes")
+
+
 @pytest.mark.parametrize(("dim", "expected"), [("height", "--dim expects NAME=INT, got 'height'"),
                                                ("depth=3", "depth")])
 def test_bad_dim(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture, dim: str,

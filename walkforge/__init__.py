@@ -8,7 +8,7 @@ from typing import Any
 
 from walkforge.errors import WalkforgeError
 
-__version__ = "0.3.3"
+__version__ = "0.3.4"
 
 
 def load(bundle, backend: str = "cpu", digest: str | None = None, **options):

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from walkforge.artifacts.bundle import manifest_digest
+from walkforge.artifacts.npz import read_npz
 from walkforge.compiler.kernels import DEFAULT_ARCHS
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.backends import CHOICES as BACKENDS
@@ -263,7 +264,7 @@ def run_cmd(bundle: Path, inputs_path: Path | None, observation_path: Path | Non
     generating = prompt_ids is not None or prompt is not None
     if (inputs_path is not None) == generating:
         raise WalkforgeError("give --inputs NPZ, or --prompt-ids / --prompt (bagel bundles)")
-    feeds = {} if generating else _read_npz(inputs_path)
+    feeds = {} if generating else read_npz(inputs_path, "--inputs")
     runner = load(bundle, backend, threads=threads, digest=digest)
     if backend == "auto":
         err.print(f"backend: {runner.backend} ({runner.backend_reason})")
@@ -324,9 +325,12 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
                    "torch-bf16 (CPU bf16 autocast) are the references the ratios are to.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs first.")
 @click.option("--iters", default=10, show_default=True, help="Timed runs.")
-@click.option("--batch", default=1, show_default=True, help="Batch size.")
+@click.option("--batch", default=1, show_default=True, help="Batch size of the example inputs.")
 @THREADS
 @click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
+              help="npz of the inputs to time (keys as `inspect` shows; `walkforge inputs` writes one) "
+                   "instead of the recipe's seeded example inputs; not with --batch / --dim.")
 @click.option("--setting", "run_settings", multiple=True,
               help="Front run setting NAME=INT, e.g. num_steps=5 (pi0), tiled=1 or tile_size=512 (VAE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -334,13 +338,13 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
               help="Also add this bundle to DIR/bench.md and its PNG plots (keeps other bundles' results).")
 @DIGEST
 def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, threads: int | None,
-              dims: tuple[str, ...], run_settings: tuple[str, ...], as_json: bool, report_dir: Path | None,
-              digest: str | None) -> None:
+              dims: tuple[str, ...], inputs_path: Path | None, run_settings: tuple[str, ...], as_json: bool,
+              report_dir: Path | None, digest: str | None) -> None:
     """Per-walk and end-to-end latency (median, p90) of each backend vs the torch references."""
     from walkforge.tools.bench import bench
 
     report = bench(bundle, tuple(backends.split(",")), warmup, iters, batch, threads, _settings(dims),
-                   digest=digest, settings=_settings(run_settings))
+                   digest=digest, settings=_settings(run_settings), inputs=inputs_path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -430,8 +434,8 @@ def client_cmd(address: str, observation: Path, repeat: int) -> None:
     """Send one observation to a policy server at HOST:PORT; print the chunk and round-trip time."""
     from walkforge.serving.client import as_observation, describe, round_trip
 
-    stdout.print(escape(describe(*round_trip(address, as_observation(_read_npz(observation)), repeat))),
-                 highlight=False)
+    obs = as_observation(read_npz(observation, "--observation"))
+    stdout.print(escape(describe(*round_trip(address, obs, repeat))), highlight=False)
 
 
 def _write_images(runner, feeds: dict[str, np.ndarray], output: Path, tiled: bool) -> None:
@@ -466,7 +470,7 @@ def _write_actions(policy: Any, observation_path: Path, task: str | None, output
     chunk (chunk_size, action_dim) in robot units, written to `output` as 'actions'."""
     if not hasattr(policy, "predict_action_chunk"):
         raise WalkforgeError(f"--observation: this {policy.bundle.recipe} bundle is not a robot policy")
-    observation: dict[str, Any] = _read_npz(observation_path)
+    observation: dict[str, Any] = read_npz(observation_path, "--observation")
     noise = observation.pop("noise", None)
     if task is not None:
         observation["task"] = task
@@ -475,16 +479,6 @@ def _write_actions(policy: Any, observation_path: Path, task: str | None, output
     actions = policy.predict_action_chunk(observation, noise=noise, num_steps=num_steps)
     np.savez(output, actions=actions)
     err.print(f"wrote {output}: actions {list(actions.shape)}")
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise WalkforgeError(f"inputs file not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise WalkforgeError(f"{path}: not a readable npz ({exc})") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -312,3 +312,22 @@ def test_int8_weight_bits_auto_keeps_seven_bits_only_where_accurate(tmp_path, mo
     console = Console(record=True, width=200)
     show_manifest(console, auto)
     assert f"precision: weights int8 ({bits}-bit, auto), activations int8" in console.export_text()
+
+
+def test_calib_data_is_one_run_of_the_users_arrays(tmp_path) -> None:
+    """`--calib-data FILE`: the npz's arrays are the one calibration run, read without pickle;
+    an unreadable file is a one-line error naming the flag."""
+    from walkforge.compiler.calibrate import calibration_samples
+
+    path = tmp_path / "calib.npz"
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.savez(path, latents=x)
+    [run] = calibration_samples(None, path, count=8, seed=0)
+    np.testing.assert_array_equal(run["latents"], x)
+    np.savez(path, objects=np.array([{"a": 1}], dtype=object))  # would need unpickling
+    with pytest.raises(WalkforgeError, match=r"^--calib-data .*calib\.npz: not a readable npz"):
+        calibration_samples(None, path, count=8, seed=0)
+    np.save(tmp_path / "lone.npy", x)
+    (tmp_path / "lone.npy").rename(path)
+    with pytest.raises(WalkforgeError, match=r"^--calib-data .*calib\.npz: not a readable npz \(one \.npy"):
+        calibration_samples(None, path, count=8, seed=0)

@@ -147,6 +147,31 @@ def test_bench_backend_that_cannot_load_is_one_line(tiny_bundle: Path) -> None:
         bench(tiny_bundle, ("cpu", "tpu"), warmup=0, iters=1, threads=1)
 
 
+def test_bench_times_the_inputs_file_it_is_given(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`walkforge bench --inputs FILE`: every backend's process times the file's arrays (here a
+    batch of 3 at 6×10 latents, sizes no example input has) and the report names the file."""
+    path = tmp_path / "in.npz"
+    np.savez(path, latents=latents(3, 4, 6, 10))
+    report = bench(tiny_bundle, ("cpu", "torch"), warmup=0, iters=1, threads=1, inputs=path)
+    assert (report["batch"], report["inputs"]) == (3, str(path))
+    assert {r["walks"]["decode"]["n"] for r in report["results"].values()} == {1}
+    np.savez(path, latents=latents(3, 4, 6, 10), sample=np.zeros((2, 3)))
+    mixed = r"^--inputs .*in\.npz: arrays of one batch expected, got leading sizes \[2, 3\]$"
+    with pytest.raises(WalkforgeError, match=mixed):
+        bench(tiny_bundle, ("cpu",), warmup=0, iters=1, inputs=path)
+    with pytest.raises(WalkforgeError, match=r"^bench --inputs takes no --batch or --dim"):
+        bench(tiny_bundle, ("cpu",), warmup=0, iters=1, dims={"height": 8}, inputs=path)
+    with pytest.raises(WalkforgeError, match=r"^--inputs not found: .*missing\.npz$"):
+        bench(tiny_bundle, ("cpu",), warmup=0, iters=1, inputs=tmp_path / "missing.npz")
+
+
+def test_bench_on_inputs_the_bundle_refuses_is_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    path = tmp_path / "in.npz"
+    np.savez(path, latent=latents(1, 4, 8, 8))
+    with pytest.raises(WalkforgeError, match=r"^bench on backend 'cpu' failed: error: .*latent"):
+        bench(tiny_bundle, ("cpu",), warmup=0, iters=1, threads=1, inputs=path)
+
+
 def test_bench_setting_tiles_the_decode(tiny_bundle: Path, decoders: tuple[VaeDecoder, VaeDecoder]) -> None:
     """`walkforge bench --setting tiled=1 --setting tile_size=8`: the front's run tiles the decode."""
     report = measure(tiny_bundle, "cpu", warmup=0, iters=1, batch=1, threads=1,

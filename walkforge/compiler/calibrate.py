@@ -33,6 +33,7 @@ import onnxruntime as ort
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from walkforge.artifacts.npz import read_npz
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.runtime import host_copy
 from walkforge.errors import WalkforgeError
@@ -280,11 +281,7 @@ def calibration_samples(bundle: Any, data: Path | None, count: int, seed: int
     """Front-API inputs to calibrate on: the user's npz (one run), else `count` seeded example
     batches from the recipe's `fake_inputs` (its documented synthetic distribution)."""
     if data is not None:
-        try:
-            with np.load(data, allow_pickle=False) as npz:
-                return [{k: npz[k] for k in npz.files}]
-        except (OSError, ValueError) as exc:
-            raise WalkforgeError(f"--calib-data {data}: not a readable npz ({exc})") from None
+        return [read_npz(data, "--calib-data")]
     from walkforge.recipes.inputs import example_inputs
 
     return [example_inputs(bundle, batch=2, seed=seed + 1000 + k) for k in range(count)]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from walkforge.artifacts.bundle import Bundle
+from walkforge.artifacts.npz import read_npz
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.ort import cpu_flags
 from walkforge.recipes.inputs import example_inputs
@@ -40,15 +41,18 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 
 class Measurement:
-    """One backend's timed runs of a bundle, end to end and per walk (from the same runs);
-    `settings` go to the front's `run` (pi0: num_steps; vae: tiled, tile_size)."""
+    """One backend's timed runs of a bundle, end to end and per walk (from the same runs), on
+    the arrays of the `inputs` npz or else the recipe's seeded example inputs; `settings` go to
+    the front's `run` (pi0: num_steps; vae: tiled, tile_size)."""
 
     def __init__(self, bundle_path: Path, backend: str, batch: int = 1, threads: int | None = None,
-                 dims: Mapping[str, int] | None = None, settings: Mapping[str, int] | None = None) -> None:
+                 dims: Mapping[str, int] | None = None, settings: Mapping[str, int] | None = None,
+                 inputs: Path | None = None) -> None:
         bundle = Bundle.open(bundle_path)
         self.backend = backend
         self.runner = load(bundle, backend, threads=threads)
-        self.feeds = example_inputs(bundle, batch=batch, seed=0, **(dims or {}))
+        self.feeds = (read_npz(inputs, "--inputs") if inputs is not None
+                      else example_inputs(bundle, batch=batch, seed=0, **(dims or {})))
         self.settings = dict(settings or {})
         self.total: list[float] = []
         self.starts: list[float] = []  # wall clock of each timed run (shows how runs interleave)
@@ -72,9 +76,9 @@ class Measurement:
 
 def measure(bundle_path: Path, backend: str, warmup: int = 2, iters: int = 10, batch: int = 1,
             threads: int | None = None, dims: Mapping[str, int] | None = None,
-            settings: Mapping[str, int] | None = None) -> dict[str, Any]:
+            settings: Mapping[str, int] | None = None, inputs: Path | None = None) -> dict[str, Any]:
     """Time `iters` end-to-end runs after `warmup` in this process (`Measurement`)."""
-    m = Measurement(bundle_path, backend, batch, threads, dims, settings)
+    m = Measurement(bundle_path, backend, batch, threads, dims, settings, inputs)
     for _ in range(warmup):
         m.warmup()
     for _ in range(iters):
@@ -114,17 +118,24 @@ def cpu_model() -> str:
 def bench(bundle_path: Path, backends: tuple[str, ...] = ("cpu", "torch", "torch-bf16"), warmup: int = 2,
           iters: int = 10, batch: int = 1, threads: int | None = None,
           dims: Mapping[str, int] | None = None, digest: str | None = None,
-          settings: Mapping[str, int] | None = None) -> dict[str, Any]:
+          settings: Mapping[str, int] | None = None, inputs: Path | None = None) -> dict[str, Any]:
     """Measure each backend in its own process, the processes taking turns: all load and warm
     up one after another, then every round runs each backend once, in order, with the others
     idle (`SETTLE_S` apart, so no thread pool still spins). A host whose speed drifts (shared
     cloud cores drifted ±20 % between identical runs minutes apart) then slows every backend
     alike instead of whichever ran last; the backends' processes are resident together. Ratios
     are relative to each reference that ran (`ratio_vs_torch`, `ratio_vs_torch_bf16`). `digest`
-    pins the bundle (refused if its digest differs)."""
+    pins the bundle (refused if its digest differs). `inputs` is an npz of the front's inputs
+    (`walkforge inputs` writes one; the report's batch is its arrays'), else the recipe's example
+    inputs of `batch` and `dims` are used."""
     Bundle.open(bundle_path, digest=digest)  # refuse a bad bundle before spawning anything
+    if inputs is not None:
+        if dims or batch != 1:
+            raise WalkforgeError("bench --inputs takes no --batch or --dim: the npz's arrays set the sizes")
+        batch = _batch_of(read_npz(inputs, "--inputs"), inputs)
     with contextlib.ExitStack() as stack:
-        children = [stack.enter_context(_Child(bundle_path, b, batch, threads, dims or {}, settings or {}))
+        children = [stack.enter_context(_Child(bundle_path, b, batch, threads, dims or {}, settings or {},
+                                               inputs))
                     for b in dict.fromkeys(backends)]
         for child in children:
             for _ in range(warmup):
@@ -134,11 +145,21 @@ def bench(bundle_path: Path, backends: tuple[str, ...] = ("cpu", "torch", "torch
                 time.sleep(SETTLE_S)
                 child.call("timed")
         results = {child.backend: child.call("report") for child in children}
-    report = {"bundle": str(bundle_path), "machine": machine(), "batch": batch, "results": results}
+    report = {"bundle": str(bundle_path), "machine": machine(), "batch": batch,
+              **({"inputs": str(inputs)} if inputs is not None else {}), "results": results}
     for ref_name in REFERENCES:
         if ref_name in results:
             report[ratio_key(ref_name)] = _ratios(results, ref_name)
     return report
+
+
+def _batch_of(feeds: Mapping[str, np.ndarray], path: Path) -> int:
+    """The batch of an inputs npz: its arrays' leading size."""
+    sizes = {a.shape[0] for a in feeds.values() if a.ndim}
+    if len(sizes) != 1:
+        raise WalkforgeError(f"--inputs {path}: arrays of one batch expected, got leading sizes "
+                             f"{sorted(sizes) or 'none'}")
+    return sizes.pop()
 
 
 def ratio_key(reference: str) -> str:
@@ -159,12 +180,13 @@ class _Child:
     over its stdin/stdout one JSON line per call; loaded (and ready) when entered."""
 
     def __init__(self, bundle_path: Path, backend: str, batch: int, threads: int | None,
-                 dims: Mapping[str, int], settings: Mapping[str, int]) -> None:
+                 dims: Mapping[str, int], settings: Mapping[str, int], inputs: Path | None) -> None:
         self.backend = backend
         self.cmd = [sys.executable, "-m", "walkforge.tools.bench", str(bundle_path), backend,
                     "--batch", str(batch), "--dims", json.dumps(dict(dims)),
                     "--settings", json.dumps(dict(settings)),
-                    *(["--threads", str(threads)] if threads else [])]
+                    *(["--threads", str(threads)] if threads else []),
+                    *(["--inputs", str(inputs)] if inputs is not None else [])]
 
     def __enter__(self) -> _Child:
         self.stderr = tempfile.TemporaryFile("w+")  # a pipe could fill and stall the child
@@ -206,10 +228,12 @@ def _main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dims", default="{}")
     ap.add_argument("--settings", default="{}")
+    ap.add_argument("--inputs", type=Path, default=None)
     a = ap.parse_args()
     replies, sys.stdout = sys.stdout, sys.stderr  # nothing else printed can garble a reply
     try:
-        m = Measurement(a.bundle, a.backend, a.batch, a.threads, json.loads(a.dims), json.loads(a.settings))
+        m = Measurement(a.bundle, a.backend, a.batch, a.threads, json.loads(a.dims), json.loads(a.settings),
+                        a.inputs)
         print(json.dumps(True), file=replies, flush=True)
         for op in sys.stdin:
             op = op.strip()

@@ -73,10 +73,11 @@ def show_verify(console: Console, result: dict[str, Any]) -> None:
 
 
 def show_bench(console: Console, report: dict[str, Any]) -> None:
-    console.print(f"{report['machine']}, batch {report['batch']}", markup=False)
+    source = f", inputs {report['inputs']}" if "inputs" in report else ""
+    console.print(f"{report['machine']}, batch {report['batch']}{source}", markup=False)
     from walkforge.tools.bench import REFERENCES, ratio_key
 
-    refs = [r for r in REFERENCES if ratio_key(r) in report] or ["torch"]
+    refs = [r for r in REFERENCES if ratio_key(r) in report]  # the references that ran
     table = Table("backend", "walk", "median ms", "p90 ms", "calls", *(f"× {r}" for r in refs))
     for backend, r in report["results"].items():
         rows = [*r["walks"].items(), ("end to end", r["end_to_end"])]
