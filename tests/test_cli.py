@@ -135,6 +135,14 @@ def test_unreadable_inputs_file(tiny_bundle: Path, tmp_path: Path, capsys: pytes
     assert "not a readable npz" in line and "in.npz" in line
 
 
+@pytest.mark.parametrize("flag", ["--min-cosine", "--fp8-min-cosine"])
+def test_min_cosine_and_its_old_name_set_one_gate(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  flag: str) -> None:
+    """#15: one --min-cosine for fp8 and int8; the old --fp8-min-cosine stays as its alias."""
+    line = main_error(capsys, "compile", "vae", "--precision", "int8", flag, "1.5", "-o", tmp_path / "b")
+    assert line.endswith("must be in (0, 1], got 1.5")
+
+
 def test_bench_inputs_with_batch(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     np.savez(tmp_path / "in.npz", latents=np.zeros((2, 4, 8, 8), np.float32))
     line = main_error(capsys, "bench", tiny_bundle, "--inputs", tmp_path / "in.npz", "--batch", "2")

@@ -346,3 +346,15 @@ def test_only_the_loop_body_keeps_spinning_after_a_run(bundle) -> None:
     assert not any(stops(e.session) for e in quiet.values())
     assert all(e.session.get_session_options().get_session_config_entry(
         "session.intra_op.allow_spinning") == "0" for e in quiet.values())
+
+
+def test_engines_use_every_physical_core_unless_told(bundle) -> None:
+    """#15 item 3: by default every walk's session runs on all physical cores (SMT siblings once);
+    `threads=N` (`--threads N`) sets them all to N."""
+    from walkforge.runtimes.backends.cpu import physical_cores
+
+    def threads(policy) -> set[int]:
+        return {e.session.get_session_options().intra_op_num_threads for e in policy.engines.values()}
+
+    assert threads(walkforge.load(bundle.root, spinning=False)) == {physical_cores()}
+    assert threads(walkforge.load(bundle.root, spinning=False, threads=3)) == {3}
