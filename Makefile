@@ -14,9 +14,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m walkforge.cli demo -o build/pi0-tiny
 
-## The test suite (CPU only; GPU/TensorRT tests skip with a reason).
+## The test suite (CPU only; GPU/TensorRT tests skip with a reason), the recipe regression vs the
+## goldens included (tests/test_regress.py). TEST_WORKERS pytest-xdist workers share one cache of
+## compiled bundles (tests/bundles.py); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -rs
+	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"

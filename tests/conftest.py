@@ -1,18 +1,31 @@
-"""Shared fixtures: the tiny VAE bundle (compiled once per session) and diffusers checkpoints.
+"""Shared fixtures: bundles compiled once per session (`compiled`, tests/bundles.py; the tiny VAE
+is `tiny_bundle`) and diffusers checkpoints.
 
-Tests that tamper with a bundle take `tiny_bundle_copy` (a fresh copy per test); the
-session bundle itself must stay untouched.
+Tests that tamper with a bundle take a fresh copy (`tiny_bundle_copy`, `bundles.private_copy`);
+the session bundles themselves must stay untouched.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bundles import BundleCache
 
 VAE_TINY_SEED = 0
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` (pytest-xdist, --dist loadgroup) runs each module on one worker, so a module's
+    fixtures run once and no worker idles waiting for another's compile of the same bundle; the
+    regress cases (one compile each, nothing shared) spread over the workers one by one."""
+    for item in items:
+        if item.module is not None and item.module.__name__ != "test_regress":
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,13 +39,25 @@ def private_stamp_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`walkforge compile vae --variant tiny`, random weights (seed 0); do not modify."""
-    from walkforge import CompileRequest, compile_bundle
+def bundle_cache(tmp_path_factory: pytest.TempPathFactory) -> BundleCache:
+    """The session's compiled bundles (tests/bundles.py), shared by the pytest-xdist workers."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is a folder of the run's own
+        root = root.parent
+    return BundleCache(root / "bundles")
 
-    out = tmp_path_factory.mktemp("session") / "vae-tiny"
-    compile_bundle(CompileRequest("vae", out, variant="tiny", seed=VAE_TINY_SEED))
-    return out
+
+@pytest.fixture(scope="session")
+def compiled(bundle_cache: BundleCache) -> BundleCache:
+    """`compiled(recipe, **request_fields)` → the bundle folder, compiled once per session and shared
+    by every test (and pytest-xdist worker) asking for the same request; do not modify it."""
+    return bundle_cache
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(bundle_cache: BundleCache) -> Path:
+    """`walkforge compile vae --variant tiny`, random weights (seed 0); do not modify."""
+    return bundle_cache("vae", variant="tiny", seed=VAE_TINY_SEED)
 
 
 @pytest.fixture

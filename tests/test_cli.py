@@ -24,6 +24,7 @@ from tolerances import rel_err, vae_decode_tol
 
 from walkforge import cli as cli_module
 from walkforge.cli import cli
+from walkforge.errors import WalkforgeError
 
 CLI_CPU_VS_TORCH_TOL = vae_decode_tol(64)  # rel_err of `run --backend cpu` vs `--backend torch`, tiny VAE
 ST = "diffusion_pytorch_model.safetensors"
@@ -249,3 +250,34 @@ def test_help_lists_every_documented_option(name: str) -> None:
         for flag in option.opts:
             assert flag in text
         assert option.help.split(" ")[0] in text
+
+
+@pytest.mark.parametrize(("given", "output", "mode"), [
+    (["--inputs", "--walk"], "o.npz", "arrays"),
+    (["--inputs", "--tiled"], "o.png", "images"),
+    (["--observation", "--task", "--num-steps"], "o.npz", "observation"),
+    (["--prompt-ids", "--prompt", "--height", "--seed"], "o.png", "generate"),
+])
+def test_run_mode_from_its_flags(given: list[str], output: str, mode: str) -> None:
+    assert cli_module.run_mode(given, Path(output)) == mode
+
+
+@pytest.mark.parametrize(("given", "output", "message"), [
+    ([], "o.npz", "run needs --inputs NPZ, --observation NPZ (pi0/pi05) or --prompt-ids / --prompt (bagel)"),
+    (["--inputs", "--prompt-ids", "--prompt"], "o.png", "--prompt-ids / --prompt takes no --inputs"),
+    (["--inputs", "--seed"], "o.npz", "--seed goes with --prompt-ids / --prompt"),
+    (["--inputs", "--tiled"], "o.npz", "--tiled goes with --inputs with a .png -o"),
+    (["--inputs", "--walk"], "o.png", "--walk goes with --inputs with an npz -o"),
+    (["--observation", "--walk"], "o.npz", "--walk goes with --inputs with an npz -o"),
+])
+def test_run_refuses_flags_of_two_modes(given: list[str], output: str, message: str) -> None:
+    with pytest.raises(WalkforgeError) as info:
+        cli_module.run_mode(given, Path(output))
+    assert str(info.value).startswith(message)
+
+
+def test_run_mixed_modes_fail_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Flags read off the command line, defaults excluded: --height 1024 is given, its default is not."""
+    line = main_error(capsys, "run", tmp_path / "no-bundle", "--inputs", tmp_path / "in.npz",
+                      "--height", "1024", "-o", tmp_path / "o.npz")
+    assert line == "error: --height goes with --prompt-ids / --prompt"

@@ -1,4 +1,4 @@
-"""The layer rules of DESIGN.md, checked on the source: data flows recipe → compiler → artifacts
+"""The layer rules of docs/design.md, checked on the source: data flows recipe → compiler → artifacts
 → runtimes, the compiler is handed a runtime and never imports one, and the runtime imports
 recipes only in the torch reference backends."""
 

@@ -1,7 +1,8 @@
 """Recipe regression (`walkforge regress`) and the bench report writer.
 
-The module fixture runs the real regression of both recipes against the stored goldens once
-(what CI relies on); the other tests reuse its records or only compile the tiny VAE.
+test_regress_passes_against_stored_goldens runs the real regression against the stored goldens,
+one recipe × precision per test (what CI relies on: `.ci/run` runs no second `walkforge regress`);
+the other tests measure nothing (their records are the goldens themselves) or only the tiny VAE.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,25 +23,50 @@ from walkforge.recipes import RECIPES, get_recipe
 from walkforge.tools import regress as rg
 
 GOLDENS = rg.GOLDENS  # shipped as package data
+CASES = [(k, p) for k in RECIPES for p in get_recipe(k).precisions]  # what `walkforge regress` judges
 
 
-@pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory) -> rg.Report:
-    """`regress()` of every recipe against the shipped goldens (bundles compiled once, kept)."""
-    return rg.regress(None, GOLDENS, workdir=tmp_path_factory.mktemp("regress"))
+def golden_measure(recipe: str, precision: str, out: Path, progress: object = None) -> dict:
+    """A stand-in for `rg.measure` that compiles nothing: the stored golden is the fresh record."""
+    return rg.read_golden(GOLDENS / f"{recipe}-{rg.VARIANT}-{precision}.json")
 
 
-def records(report: rg.Report) -> dict[tuple[str, str], dict]:
-    return {(r.record["recipe"], r.record["precision"]): r.record for r in report.results}
+@pytest.fixture
+def session_compiles(compiled, monkeypatch: pytest.MonkeyPatch) -> None:
+    """regress's compiles taken from the session's bundle cache (tests/bundles.py): the very request
+    `rg.measure` makes, compiled once per session (regress's bagel-tiny-fp32 is also
+    test_bagel_runtime's bundle) and copied to where regress keeps its bundle."""
+
+    def compile_bundle(request, progress=None) -> dict:
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)
+                  if f.name not in ("recipe", "out", "force")}
+        shutil.copytree(compiled(request.recipe, **fields), request.out)
+        return json.loads((request.out / "manifest.json").read_text())
+
+    monkeypatch.setattr(rg, "compile_bundle", compile_bundle)
 
 
 @pytest.mark.slow
-def test_regress_passes_against_stored_goldens(stored: rg.Report) -> None:
-    names = [r.name for r in stored.results]
-    assert names == [f"{k}-tiny-{p}" for k in RECIPES for p in get_recipe(k).precisions]
-    failed = {r.name: r.problem or [(c.metric, c.golden, c.now) for c in r.failed] for r in stored.results}
-    assert stored.ok, failed
-    assert all(len(r.checks) > 20 for r in stored.results)
+@pytest.mark.parametrize(("recipe", "precision"), CASES, ids=[f"{k}-tiny-{p}" for k, p in CASES])
+def test_regress_passes_against_stored_goldens(recipe: str, precision: str, tmp_path: Path,
+                                               session_compiles: None) -> None:
+    report = rg.regress([recipe], GOLDENS, workdir=tmp_path, precisions=[precision])
+    assert [r.name for r in report.results] == [f"{recipe}-tiny-{precision}"]
+    failed = {r.name: r.problem or [(c.metric, c.golden, c.now) for c in r.failed] for r in report.results}
+    assert report.ok, failed
+    assert all(len(r.checks) > 20 for r in report.results)
+
+
+def test_regress_cli_judges_every_recipe_and_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`walkforge regress` (no --recipes) covers exactly CASES, passes and exits 0; the compiles and
+    measurements themselves are test_regress_passes_against_stored_goldens's, one case each."""
+    monkeypatch.setattr(rg, "measure", golden_measure)
+    report = rg.regress(None, GOLDENS)
+    assert [r.name for r in report.results] == [f"{k}-tiny-{p}" for k, p in CASES]
+    assert report.ok and all(len(r.checks) > 20 for r in report.results)
+    run = CliRunner().invoke(cli, ["regress"])
+    assert run.exit_code == 0, run.output
+    assert f"regress ok ({len(CASES)} of {len(CASES)} passed)" in run.output
 
 
 @pytest.mark.slow
@@ -55,7 +82,7 @@ def test_regress_flags_changed_numerics(monkeypatch: pytest.MonkeyPatch) -> None
         return model
 
     monkeypatch.setattr(vae_package, "RECIPE", dataclasses.replace(recipe, build=nudged))
-    result = rg.regress(["vae"], GOLDENS).results[0]
+    [result] = rg.regress(["vae"], GOLDENS, precisions=["fp32"]).results
     assert result.name == "vae-tiny-fp32"
     failed = {c.metric for c in result.failed}
     assert not result.ok
@@ -64,9 +91,8 @@ def test_regress_flags_changed_numerics(monkeypatch: pytest.MonkeyPatch) -> None
     assert not any(m.startswith(("ops.", "accuracy.")) for m in failed), failed
 
 
-def test_update_goldens_writes_then_passes(stored: rg.Report, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    cached = records(stored)
+def test_update_goldens_writes_then_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = {(k, p): golden_measure(k, p, tmp_path) for k, p in CASES if k == "vae"}
     monkeypatch.setattr(rg, "measure", lambda recipe, precision, out, progress=None:
                         copy.deepcopy(cached[(recipe, precision)]))
     written = rg.regress(["vae"], tmp_path, update=True)

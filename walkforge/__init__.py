@@ -8,7 +8,7 @@ from typing import Any
 
 from walkforge.errors import WalkforgeError
 
-__version__ = "0.3.4"
+__version__ = "0.4.0"
 
 
 def load(bundle, backend: str = "cpu", digest: str | None = None, **options):
@@ -35,8 +35,8 @@ def compile_bundle(request: Any, progress: Any = None) -> dict:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "CompileRequest":  # imported lazily: the compiler needs torch, the runtime does not
-        from walkforge.compiler.pipeline import CompileRequest
+    if name == "CompileRequest":  # imported lazily: `import walkforge` stays light for the runtime
+        from walkforge.compiler.request import CompileRequest
 
         return CompileRequest
     raise AttributeError(f"module 'walkforge' has no attribute {name!r}")

@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 
 from walkforge.artifacts.bundle import manifest_digest
+from walkforge.artifacts.manifest import Manifest
 from walkforge.artifacts.npz import read_npz
-from walkforge.compiler.kernels import DEFAULT_ARCHS
+from walkforge.compiler.request import CompileRequest, Flag
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.backends import CHOICES as BACKENDS
 from walkforge.tools import render
@@ -53,93 +57,46 @@ def cli(verbose: bool) -> None:
                         format="%(name)s: %(message)s")
 
 
+def _compile_params(command: Callable) -> Callable:
+    """`compile`'s parameters: one per CompileRequest field, as the field declares it
+    (compiler/request.py), in field order."""
+    for f in reversed(fields(CompileRequest)):
+        command = _param(f.name, f.default, f.metadata["cli"])(command)
+    return command
+
+
+def _param(name: str, default: Any, flag: Flag) -> Callable:
+    """The click argument (no flags) or option of one CompileRequest field."""
+    if not flag.flags:
+        return click.argument(name)
+    how: dict[str, Any] = {"help": flag.help, "show_default": flag.show_default, "metavar": flag.metavar}
+    if default is MISSING:
+        how["required"] = True
+    else:
+        how["default"] = flag.show(default) if flag.show is not None else default
+        how["is_flag"] = isinstance(default, bool)
+    if flag.choices:
+        how["type"] = click.Choice(list(flag.choices))
+    elif flag.path:
+        how["type"] = click.Path(path_type=Path, exists=flag.path != "any", file_okay=flag.path != "dir",
+                                 dir_okay=flag.path != "file")
+    elif flag.type is not None:
+        how["type"] = flag.type
+    return click.option(*flag.flags, name, **how)
+
+
 @cli.command("compile")
-@click.argument("recipe")
-@click.option("--variant", help="Named config of the recipe (default: tiny). See `walkforge config`.")
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="Native checkpoint folder (diffusers AutoencoderKL / LeRobot pi0) instead of a variant.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="JSON file of config fields overriding the variant or checkpoint config.")
-@click.option("--seed", default=0, show_default=True, help="Seed for random weights and examples.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Bundle directory to write (atomically).")
-@click.option("--force", is_flag=True, help="Replace an existing bundle at OUTPUT.")
-@click.option("--precision", type=click.Choice(["fp32", "fp8", "int8", "bf16"]), default="fp32",
-              show_default=True,
-              help="fp8: E4M3 Q/DQ on GEMM/conv inputs and weights (TensorRT fuses them; the CPU "
-                   "target emulates FP8 accuracy, it is not faster). int8: INT8 Q/DQ, static "
-                   "per-tensor activation scales, per-channel weights (onnxruntime's CPU integer "
-                   "kernels; TensorRT INT8), see --int8-weight-bits. The --calib-*, --reuse-calibration, "
-                   "--min-cosine and --fp8-exclude options serve both. bf16: bf16 weights and "
-                   "GEMM/conv math, fp32 norms/softmax/Euler update (for TensorRT and cuda; the cpu "
-                   "backend refuses it, the compile checks it on CPU by emulation).")
-@click.option("--int8-weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto",
-              show_default=True,
-              help="int8: weights at ±127 (8) or ±63 (7). On CPUs without VNNI (AVX2, AVX-512 "
-                   "without VNNI) 8-bit weights run on onnxruntime's slower exact kernels; 7-bit ones "
-                   "run exactly on the fast kernels of every x86 CPU (small pi0 ≈ 12%% faster there) "
-                   "at a cost in accuracy (full-size pi0 actions cosine vs fp32 0.9996 → 0.9975). "
-                   "auto: 7 where the end-to-end cosine stays ≥ 0.999 (and --min-cosine), else 8; "
-                   "the compile says which. VNNI/AMX CPUs and TensorRT run both at one speed.")
-@click.option("--calib-samples", default=8, show_default=True,
-              help="fp8: seeded synthetic example batches to calibrate on (the recipe's fake_inputs).")
-@click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="fp8: npz of recorded front-API inputs (`walkforge inputs` format) to calibrate on.")
-@click.option("--calib-method", type=click.Choice(["max", "percentile"]), default="max", show_default=True,
-              help="fp8: activation amax = max |x|, or a percentile of |x|.")
-@click.option("--calib-percentile", default=99.99, show_default=True,
-              help="fp8, percentile method: which percentile of |x|.")
-@click.option("--reuse-calibration", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="fp8: take the FP8 scales from this earlier bundle (refused unless its weights "
-                   "fingerprint matches).")
-@click.option("--min-cosine", "--fp8-min-cosine", "fp8_min_cosine", type=float,
-              help="fp8/int8: end-to-end cosine vs fp32 the bundle must reach; the most sensitive "
-                   "layers are kept in fp32 until it does (they are reported). --fp8-min-cosine is "
-                   "its old name.")
-@click.option("--fp8-exclude", default="", help="fp8/int8: comma-separated node names or torch module paths "
-              "to keep in fp32 (besides the defaults: embeddings, first conv, last projection).")
-@click.option("--kv-dtype", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
-              help="KV page pool dtype. fp8: E4M3 pages (1 byte per value) with per-layer K/V scales "
-                   "calibrated on the fp32 engines (uses --calib-samples/--calib-data); works with "
-                   "either --precision.")
-@click.option("--walks", "walks", default="",
-              help="Comma-separated walks to compile where the recipe offers a choice (vae: decode, or "
-                   "decode,encode to add the encoder; default: the recipe's own set).")
-@click.option("--weights-variant", type=click.Choice(["fp16", "bf16"]),
-              help="Read the checkpoint's <name>.<variant>.safetensors weights (diffusers' variant=); "
-                   "without it only the plain file is read.")
-@click.option("--gpu-archs", default=",".join(DEFAULT_ARCHS), show_default=True,
-              help="GPU architectures to AOT-compile the plugin kernels for (comma-separated; "
-                   "empty for none). Needs no GPU.")
-@click.option("--tokenizer", type=click.Path(path_type=Path),
-              help="pi0/pi05: local tokenizer folder (tokenizer.model and/or tokenizer.json) copied "
-                   "into the bundle, so text prompts work offline.")
-@click.option("--no-reference-weights", "no_reference_weights", is_flag=True,
-              help="Write a deployment bundle: the engines' weights only, without the torch reference "
-                   "copy (about half the size; the torch backends and `verify` then refuse it).")
-def compile_cmd(recipe: str, variant: str | None, checkpoint: Path | None, config_file: Path | None,
-                seed: int, out: Path, force: bool, precision: str, calib_samples: int,
-                int8_weight_bits: str, calib_data: Path | None, calib_method: str,
-                calib_percentile: float, reuse_calibration: Path | None,
-                fp8_min_cosine: float | None, fp8_exclude: str,
-                kv_dtype: str, walks: str, weights_variant: str | None, gpu_archs: str,
-                tokenizer: Path | None, no_reference_weights: bool) -> None:
+@_compile_params
+def compile_cmd(**values: Any) -> None:
     """Trace RECIPE's walks to ONNX, check them against torch, build targets, write a bundle."""
-    from walkforge import CompileRequest, compile_bundle
+    from walkforge import compile_bundle
     from walkforge.progress import Progress
 
-    archs = tuple(a for a in gpu_archs.split(",") if a)
-    req = CompileRequest(recipe, out, variant, checkpoint, config_file, seed, force, precision,
-                         calib_samples, calib_data, calib_method, calib_percentile, reuse_calibration,
-                         fp8_min_cosine, tuple(n for n in fp8_exclude.split(",") if n), archs,
-                         kv_dtype=kv_dtype, weights_variant=weights_variant,
-                         walks=tuple(w for w in walks.split(",") if w), tokenizer=tokenizer,
-                         reference_weights=not no_reference_weights,
-                         int8_weight_bits=None if int8_weight_bits == "auto" else int(int8_weight_bits))
-    manifest = compile_bundle(req, Progress(console=err))
-    size = sum(f["size"] for f in manifest["files"].values())
-    err.print(f"[green]wrote[/green] {out} ({render.mb(size)}, walks: {', '.join(manifest['walks'])})")
-    err.print(f"digest {manifest_digest(out)}")
+    req = CompileRequest.from_cli(values)
+    manifest = Manifest.from_json(compile_bundle(req, Progress(console=err)))
+    size = sum(f.size for f in manifest.files.values())
+    err.print(f"[green]wrote[/green] {req.out} ({render.mb(size)}, walks: {', '.join(manifest.walks)})")
+    err.print(f"digest {manifest_digest(req.out)}")
 
 
 @cli.command("config")
@@ -169,7 +126,7 @@ def inspect_cmd(bundle: Path, as_json: bool, trt_lint: bool) -> None:
     from walkforge.artifacts.bundle import Bundle
 
     opened = Bundle.open(bundle)
-    manifest = opened.manifest
+    manifest = opened.stored  # as the file holds it, whatever its format version
     if trt_lint:
         from walkforge.graphs.trt_lint import errors, format_findings, lint_bundle
 
@@ -220,10 +177,49 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
     err.print(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds.items()))
 
 
+RUN_MODES = {  # mode → (what chooses it, the flags only it takes); -o's suffix splits --inputs
+    "observation": ("--observation", ("--task", "--num-steps")),
+    "generate": ("--prompt-ids / --prompt", ("--height", "--width", "--seed", "--num-steps")),
+    "arrays": ("--inputs with an npz -o", ("--walk", "--num-steps")),
+    "images": ("--inputs with a .png -o", ("--tiled",)),
+}
+RUN_CHOOSERS = {"--observation": "observation", "--prompt-ids": "generate", "--prompt": "generate",
+                "--inputs": "arrays"}
+
+
+def run_mode(given: Sequence[str], output: Path) -> str:
+    """Which of `run`'s modes (RUN_MODES) the `given` long flags choose; a WalkforgeError naming
+    the flag when they mix two modes, or choose none."""
+    chosen = [RUN_CHOOSERS[f] for f in RUN_CHOOSERS if f in given]
+    if not chosen:
+        raise WalkforgeError("run needs --inputs NPZ, --observation NPZ (pi0/pi05) or --prompt-ids / "
+                             "--prompt (bagel)")
+    mode = chosen[0]
+    if any(m != mode for m in chosen):
+        mine = [f for f in RUN_CHOOSERS if f in given and RUN_CHOOSERS[f] == mode]
+        other = [f for f in RUN_CHOOSERS if f in given and RUN_CHOOSERS[f] != mode]
+        raise WalkforgeError(f"{' / '.join(mine)} takes no {' / '.join(other)}: run does one thing at a time")
+    if mode == "arrays" and output.suffix.lower() == ".png":
+        mode = "images"
+    for flag in given:
+        takers = [m for m, (_, takes) in RUN_MODES.items() if flag in takes]
+        if takers and mode not in takers:
+            raise WalkforgeError(f"{flag} goes with {' or '.join(RUN_MODES[m][0] for m in takers)}")
+    return mode
+
+
+def _given(ctx: click.Context) -> list[str]:
+    """The long flags of the options set on the command line (or the environment), in order."""
+    options = [p for p in ctx.command.params if isinstance(p, click.Option)]
+    return [next(o for o in p.opts if o.startswith("--")) for p in options
+            if ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT)]
+
+
 @cli.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
-              help="npz whose keys are the input names `inspect` shows (not with --prompt-ids / --prompt).")
+              help="npz whose keys are the input names `inspect` shows: the plan's outputs (or one "
+                   "--walk's) go to an npz -o; vae: a .png -o gets the decoded images.")
 @click.option("--observation", "observation_path", type=click.Path(path_type=Path),
               help="pi0/pi05: npz of one raw robot observation keyed by LeRobot feature names (camera "
                    "frames uint8 or float, HWC or CHW; the state; optionally 'noise'); writes the action "
@@ -238,10 +234,12 @@ def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[st
 @click.option("--height", default=1024, show_default=True, help="bagel: image height (multiple of 16).")
 @click.option("--width", default=1024, show_default=True, help="bagel: image width (multiple of 16).")
 @click.option("--seed", default=0, show_default=True, help="bagel: seed of the start noise.")
-@click.option("--walk", help="Run one walk only (default: the whole plan through the front API).")
+@click.option("--walk", help="--inputs, npz -o: run one walk only (default: the whole plan through the "
+                             "front API).")
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="Engine backend; auto picks trt → cuda → torch-cuda → cpu and says why.")
-@click.option("--num-steps", type=int, help="Denoising steps (pi0; default: the compiled config's).")
+@click.option("--num-steps", type=int, help="Denoising steps (pi0, pi05, bagel; default: the compiled "
+                                            "config's).")
 @click.option("--tiled", is_flag=True, help="PNG output: decode in tiles as diffusers' enable_tiling().")
 @THREADS
 @DIGEST
@@ -249,35 +247,33 @@ def run_cmd(bundle: Path, inputs_path: Path | None, observation_path: Path | Non
             output: Path, prompt_ids: str | None, prompt: str | None,
             height: int, width: int, seed: int, walk: str | None, backend: str,
             num_steps: int | None, tiled: bool, threads: int | None, digest: str | None) -> None:
-    """Run BUNDLE on the arrays in an npz and write the outputs to another npz (bagel: or generate
-    an image from --prompt-ids / --prompt; pi0/pi05: or act on a raw --observation)."""
+    """Run BUNDLE one of four ways, chosen by the flags given (a flag of another way is refused):
+
+    \b
+      --inputs NPZ -o OUT.npz          the plan (or one --walk) on NPZ's arrays
+      --inputs NPZ -o OUT.png          vae: NPZ's latents decoded to images (--tiled)
+      --observation NPZ -o OUT.npz     pi0/pi05: one raw robot observation (--task) to actions
+      --prompt-ids IDS | --prompt TEXT -o OUT.png
+                                       bagel: a generated image (--height, --width, --seed)
+    """
     from walkforge.runtimes import load
 
-    if observation_path is not None:
-        if inputs_path is not None or prompt_ids is not None or prompt is not None:
-            raise WalkforgeError("--observation takes no --inputs / --prompt-ids / --prompt")
-        policy = load(bundle, backend, threads=threads, digest=digest)
-        _write_actions(policy, observation_path, task, output, num_steps)
-        return
-    if task is not None:
-        raise WalkforgeError("--task goes with --observation")
-    generating = prompt_ids is not None or prompt is not None
-    if (inputs_path is not None) == generating:
-        raise WalkforgeError("give --inputs NPZ, or --prompt-ids / --prompt (bagel bundles)")
-    feeds = {} if generating else read_npz(inputs_path, "--inputs")
+    mode = run_mode(_given(click.get_current_context()), output)
+    feeds = read_npz(inputs_path, "--inputs") if inputs_path is not None else {}
     runner = load(bundle, backend, threads=threads, digest=digest)
     if backend == "auto":
         err.print(f"backend: {runner.backend} ({runner.backend_reason})")
-    if generating:
+    if mode == "observation":
+        _write_actions(runner, observation_path, task, output, num_steps)
+    elif mode == "generate":
         _write_generated(runner, output, prompt_ids, prompt, height, width, seed, num_steps)
-        return
-    if output.suffix.lower() == ".png":
+    elif mode == "images":
         _write_images(runner, feeds, output, tiled)
-        return
-    settings = {"num_steps": num_steps} if num_steps is not None else {}
-    result = runner.run_walk(walk, feeds) if walk else runner.run(feeds, **settings)
-    np.savez(output, **result)
-    err.print(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in result.items()))
+    else:
+        settings = {"num_steps": num_steps} if num_steps is not None else {}
+        result = runner.run_walk(walk, feeds) if walk else runner.run(feeds, **settings)
+        np.savez(output, **result)
+        err.print(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in result.items()))
 
 
 @cli.command("verify")

@@ -34,8 +34,8 @@ from walkforge.artifacts.bundle import MANIFEST, manifest_digest, write_manifest
 FUZZ_SEED = 18
 FUZZ_CHUNK = 65  # mutants per worker process
 FUZZ_WORKERS = 2
-LOAD_TIMEOUT_S = 30  # one load + run of the tiny VAE takes ~0.2 s; this only bounds a hang
-WORKER_START_TIMEOUT_S = 60
+LOAD_TIMEOUT_S = 120  # one load + run of the tiny VAE takes ~0.2 s; this only bounds a hang
+WORKER_START_TIMEOUT_S = 300  # a python importing walkforge: seconds, a minute on a loaded machine
 LATENTS_SHAPE = (1, 4, 8, 8)
 STUB_KERNEL = "kernels/vae_stub-sm_90"
 GOOD = ("equal", "refused", "differs, refused when pinned")

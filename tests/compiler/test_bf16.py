@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,7 +11,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.tolerances import BF16_ACTIONS_COSINE, BF16_EVALUATORS_COSINE
-from walkforge import CompileRequest, compile_bundle
 from walkforge.artifacts.bundle import Bundle
 from walkforge.compiler.check import agreement
 from walkforge.errors import WalkforgeError
@@ -93,12 +94,9 @@ def _output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def bf16_pi0(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("bf16") / "pi0"
-    manifest = compile_bundle(
-        CompileRequest("pi0", out, variant="tiny", seed=3, gpu_archs=(), precision="bf16")
-    )
-    return out, manifest
+def bf16_pi0(compiled):
+    out = compiled("pi0", variant="tiny", seed=3, gpu_archs=(), precision="bf16")
+    return out, json.loads((out / "manifest.json").read_text())
 
 
 def test_pi0_tiny_bf16_actions_match_fp32(bf16_pi0):

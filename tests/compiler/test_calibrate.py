@@ -18,8 +18,6 @@ from walkforge import runtimes
 from walkforge.compiler.calibrate import (
     activation_inputs,
     collect_amax,
-    load_scales,
-    save_scales,
     weight_amax,
 )
 from walkforge.errors import WalkforgeError
@@ -103,19 +101,6 @@ def test_fp8_scales_are_amax_over_448_in_float32() -> None:
     assert scales["w"][0] == 1.0 and scales["w"][1] > 0  # zero amax keeps a usable scale
 
 
-def test_scales_file_round_trip_is_exact(tmp_path) -> None:
-    act = fp8_scales(collect_amax(tiny_model(), feeds()))
-    weights = fp8_scales(weight_amax(tiny_model()))
-    meta = {"method": "percentile", "samples": 5, "percentile": 99.99}
-    save_scales(tmp_path / "scales.safetensors", act, weights, meta)
-    got_act, got_weights, got_meta = load_scales(tmp_path / "scales.safetensors")
-    assert got_act == act and got_meta == meta
-    assert got_weights.keys() == weights.keys()
-    for name, value in weights.items():
-        assert got_weights[name].dtype == np.float32
-        np.testing.assert_array_equal(got_weights[name], value)
-
-
 def test_progress_bar_counts_samples() -> None:
     bar = Progress(console=Console(file=io.StringIO()))
     seen = []
@@ -133,12 +118,8 @@ def test_bad_method_is_a_user_error() -> None:
 
 
 @pytest.fixture(scope="module")
-def vae_fp32(tmp_path_factory):
-    from walkforge import CompileRequest, compile_bundle
-
-    out = tmp_path_factory.mktemp("fp8") / "vae"
-    compile_bundle(CompileRequest("vae", out))
-    return out
+def vae_fp32(tiny_bundle):
+    return tiny_bundle  # `compile vae`: the tiny variant, seed 0
 
 
 def staged_copy(src, dst):
@@ -197,30 +178,29 @@ def test_gate_keeps_sensitive_layers_in_fp32_until_it_holds(tmp_path, vae_fp32) 
     assert counts["skipped_excluded"] == len(entry["gate"]["excluded"])
 
 
-def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32) -> None:
+def test_reuse_calibration_needs_the_same_weights(tmp_path, vae_fp32, compiled) -> None:
     from walkforge import CompileRequest, compile_bundle
     from walkforge.compiler.quantize import SCALES_FILE
     from walkforge.compiler.quantize import load_scales as load_bundle_scales
 
-    first = compile_bundle(CompileRequest("vae", tmp_path / "a", precision="fp8", calib_samples=1))
-    again = compile_bundle(CompileRequest("vae", tmp_path / "b", precision="fp8",
-                                          reuse_calibration=tmp_path / "a"))
+    a = compiled("vae", precision="fp8", calib_samples=1)
+    first = json.loads((a / "manifest.json").read_text())
+    again = compile_bundle(CompileRequest("vae", tmp_path / "b", precision="fp8", reuse_calibration=a))
     calib = again["precision"]["calibration"]
-    assert calib["reused_from"] == str(tmp_path / "a")
-    (old, _), (new, meta) = (load_bundle_scales(tmp_path / d / SCALES_FILE) for d in "ab")
-    assert meta["reused_from"] == str(tmp_path / "a")
+    assert calib["reused_from"] == str(a)
+    (old, _), (new, meta) = (load_bundle_scales(d / SCALES_FILE) for d in (a, tmp_path / "b"))
+    assert meta["reused_from"] == str(a)
     assert old["decode"][0] == new["decode"][0]  # activation scales taken over unchanged
     assert all(np.array_equal(old["decode"][1][k], v) for k, v in new["decode"][1].items())
     assert first["walks"]["decode"]["ops"] == again["walks"]["decode"]["ops"]
     with pytest.raises(WalkforgeError, match="weights fingerprint .* differs"):
-        compile_bundle(CompileRequest("vae", tmp_path / "c", precision="fp8", seed=5,
-                                      reuse_calibration=tmp_path / "a"))
+        compile_bundle(CompileRequest("vae", tmp_path / "c", precision="fp8", seed=5, reuse_calibration=a))
     with pytest.raises(WalkforgeError, match="has no FP8/INT8 calibration"):
         compile_bundle(CompileRequest("vae", tmp_path / "d", precision="fp8", reuse_calibration=vae_fp32))
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
-def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -> None:
+def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path, compiled) -> None:
     """One calibration for both dtypes and both int8 weight widths: an int8 compile reusing an
     fp8 bundle's scales gets the same amax (activation scales × 448/127, weight scales × 448/63:
     7-bit weights asked for), and an 8-bit compile reusing that one weight scales × 63/127. Its
@@ -233,17 +213,17 @@ def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -
     from walkforge.graphs.fp8 import INT8_MAX, read_tensor
     from walkforge.graphs.ort import int8_pairs_saturate
 
-    compile_bundle(CompileRequest("vae", tmp_path / "fp8", precision="fp8", calib_samples=1))
+    fp8 = compiled("vae", precision="fp8", calib_samples=1)
     manifest = compile_bundle(CompileRequest("vae", tmp_path / "int8", precision="int8", int8_weight_bits=7,
-                                             reuse_calibration=tmp_path / "fp8"))
+                                             reuse_calibration=fp8))
     wide = compile_bundle(CompileRequest("vae", tmp_path / "int8w8", precision="int8", int8_weight_bits=8,
                                          reuse_calibration=tmp_path / "int8"))
     assert manifest["precision"]["weights"] == manifest["precision"]["activations"] == "int8"
     assert (manifest["precision"]["int8_weight_max"], wide["precision"]["int8_weight_max"]) == (63, 127)
     for m in (manifest, wide):
         assert m["precision"]["calibration"]["end_to_end"]["cosine"] >= INT8_COSINE_MIN
-    (old, _), (new, meta), (new8, meta8) = (load_bundle_scales(tmp_path / d / SCALES_FILE)
-                                            for d in ("fp8", "int8", "int8w8"))
+    (old, _), (new, meta), (new8, meta8) = (load_bundle_scales(d / SCALES_FILE)
+                                            for d in (fp8, tmp_path / "int8", tmp_path / "int8w8"))
     assert (meta["dtype"], meta["weight_max"], meta8["weight_max"]) == ("int8", 63, 127)
     ratio = np.float32(FP8_MAX / INT8_MAX)
     assert all(new["decode"][0][k] == float(np.float32(v) * ratio) for k, v in old["decode"][0].items())
@@ -277,8 +257,8 @@ def test_int8_bundle_reuses_fp8_calibration_and_runs_integer_kernels(tmp_path) -
 
 
 @pytest.mark.parametrize("floor, bits", [(0.0, 7), (1.0, 8)])
-def test_int8_weight_bits_auto_keeps_seven_bits_only_where_accurate(tmp_path, monkeypatch, floor,
-                                                                    bits) -> None:
+def test_int8_weight_bits_auto_keeps_seven_bits_only_where_accurate(tmp_path, monkeypatch, compiled,
+                                                                    floor, bits) -> None:
     """The default (`int8_weight_bits=None`, --int8-weight-bits auto) quantises 7-bit weights, keeps
     them where the end-to-end cosine reaches SEVEN_BIT_MIN_COSINE (here forced to 0: always; 1:
     never, as no quantised bundle is exact), else requantises at 8 bits from the same amax: weight
@@ -288,18 +268,18 @@ def test_int8_weight_bits_auto_keeps_seven_bits_only_where_accurate(tmp_path, mo
     from walkforge.compiler.quantize import SCALES_FILE
     from walkforge.compiler.quantize import load_scales as load_bundle_scales
 
-    compile_bundle(CompileRequest("vae", tmp_path / "seven", precision="int8", int8_weight_bits=7,
-                                  calib_samples=1))
+    seven_bits = compiled("vae", precision="int8", int8_weight_bits=7, calib_samples=1)
     monkeypatch.setattr(quantize, "SEVEN_BIT_MIN_COSINE", floor)
     auto = compile_bundle(CompileRequest("vae", tmp_path / "auto", precision="int8",
-                                         reuse_calibration=tmp_path / "seven"))
+                                         reuse_calibration=seven_bits))
     calib = auto["precision"]["calibration"]
     assert auto["precision"]["int8_weight_max"] == calib["weight_max"] == {7: 63, 8: 127}[bits]
     assert (calib["weight_bits"]["bits"], calib["weight_bits"]["min_cosine"]) == (bits, floor)
     tried = calib["weight_bits"]["cosine"]
     assert sorted(tried) == (["7"] if bits == 7 else ["7", "8"])
     assert calib["end_to_end"]["cosine"] == tried[str(bits)]
-    (seven, _), (chosen, meta) = (load_bundle_scales(tmp_path / d / SCALES_FILE) for d in ("seven", "auto"))
+    (seven, _), (chosen, meta) = (load_bundle_scales(d / SCALES_FILE)
+                                  for d in (seven_bits, tmp_path / "auto"))
     assert meta["weight_max"] == calib["weight_max"]
     assert chosen["decode"][0] == seven["decode"][0]
     ratio = np.float32(63 / calib["weight_max"])

@@ -14,7 +14,6 @@ from conftest import VAE_TINY_SEED
 from tolerances import rel_err, vae_decode_tol
 
 import walkforge
-from walkforge import CompileRequest, compile_bundle
 from walkforge.artifacts.bundle import Bundle, has_reference_weights
 from walkforge.artifacts.stamps import CACHE_ENV
 from walkforge.cli import cli
@@ -32,11 +31,9 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def deploy_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deploy_bundle(compiled) -> Path:
     """The session's tiny VAE (same recipe, variant and seed) compiled with --no-reference-weights."""
-    out = tmp_path_factory.mktemp("deploy") / "vae-deploy"
-    compile_bundle(CompileRequest("vae", out, variant="tiny", seed=VAE_TINY_SEED, reference_weights=False))
-    return out
+    return compiled("vae", variant="tiny", seed=VAE_TINY_SEED, reference_weights=False)
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

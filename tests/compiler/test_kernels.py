@@ -44,7 +44,7 @@ def test_default_archs_cover_the_gpus_people_own():
     from walkforge.cli import compile_cmd
     from walkforge.compiler.kernels import DEFAULT_ARCHS
 
-    # Ampere, Orin, Ada, Hopper, Blackwell B200, Thor, Blackwell RTX: all AOT-compile here (README)
+    # Ampere, Orin, Ada, Hopper, Blackwell B200, Thor, Blackwell RTX: all AOT-compile here (docs/gpu.md)
     assert set(DEFAULT_ARCHS) >= {"sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_110", "sm_120"}
     option = next(p for p in compile_cmd.params if p.name == "gpu_archs")
     assert option.default == ",".join(DEFAULT_ARCHS)

@@ -145,8 +145,8 @@ def test_variant_and_checkpoint_together_refused(tmp_path: Path, tiny_checkpoint
     ("calib_percentile", 0.0, "--calib-percentile must be in (0, 100], got 0.0"),
     ("calib_percentile", 100.5, "--calib-percentile must be in (0, 100], got 100.5"),
     ("calib_percentile", float("nan"), "--calib-percentile must be in (0, 100], got nan"),
-    ("fp8_min_cosine", 0.0, "--fp8-min-cosine must be in (0, 1], got 0.0"),
-    ("fp8_min_cosine", 1.01, "--fp8-min-cosine must be in (0, 1], got 1.01"),
+    ("fp8_min_cosine", 0.0, "--min-cosine must be in (0, 1], got 0.0"),
+    ("fp8_min_cosine", 1.01, "--min-cosine must be in (0, 1], got 1.01"),
 ])
 def test_bad_request_refused_when_built(tmp_path: Path, field: str, value: object, message: str) -> None:
     """Refused by the request itself, before compile_bundle could make a staging folder."""

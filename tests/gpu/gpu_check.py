@@ -361,6 +361,7 @@ def torch_cuda_policy(
     chain reads (walk contracts, plan, paging) come from the recipe's walks, as the compile's trace
     stage writes them. Returns feeds -> actions, as Pi0Policy.infer does. `make_engines(walks)` and
     `allocate_pool(spec)` default to torch-cuda's (the CPU test passes the torch backend's)."""
+    import walkforge
     from walkforge.plugins.constants import PAGE_SIZE
     from walkforge.recipes.pi0.walks import walks
     from walkforge.runtimes.backends import torch_cuda
@@ -369,10 +370,14 @@ def torch_cuda_policy(
     from walkforge.runtimes.values import to_numpy
 
     graph = walks(model16, cfg)
-    manifest = {
-        "walks": {n.name: n.contract() for n in graph.nodes},
+    manifest = {  # what a compile writes before its file table, less what the chain never reads
+        "walkforge_version": walkforge.__version__, "created": "", "recipe": "pi0", "variant": None,
+        "config": {}, "weights": {"fingerprint": "", "source": "random"}, "front": "pi0", "dim_ranges": {},
+        "precision": {"weights": "bf16", "activations": "bf16", "kv": "fp32", "calibration": None},
+        "walks": {n.name: {"onnx": f"walks/{n.name}.onnx", **n.contract(), "ops": {}} for n in graph.nodes},
         "plan": graph.plan(),
         "paging": {"max_tokens": graph.kv_tokens, "page_size": PAGE_SIZE},
+        "targets": {},
     }
     engines = (make_engines or torch_cuda.walk_engines)(graph)
     chain = Chain(

@@ -19,7 +19,7 @@ COSINE_LOSS = {"bf16": 1e-3, "fp8": 1e-3}
 """1 - cosine of each walk's outputs and of the actions that one reduced-precision stage (bf16
 compute, an fp8 KV pool) may cost vs the fp32 reference. 1 - cos ≈ ½ (relative RMS error)², and
 independent errors add in quadrature, so the losses of two stages add. 1e-3 allows a 4.5% RMS
-error: bf16 autocast on pi0 measured cosine 1.0000 on CPU (TOOLCHAIN.md); the fp8 pool of this
+error: bf16 autocast on pi0 measured cosine 1.0000 on CPU (docs/benchmarks.md); the fp8 pool of this
 bundle on the cpu backend measured 0.99965 for the pool itself (the prefill walk) and 0.999999
 for the actions; a wrong mask, scale or kernel costs far more."""
 FP32_REL = 1e-4

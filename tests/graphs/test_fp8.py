@@ -315,3 +315,13 @@ def test_int8_onnxruntime_agrees_with_fp32(fp32, int8_scales) -> None:
         want, got = run(fp32, feeds), session.run(None, feeds)[0]
         assert agreement(got, want).cosine >= COSINE_MIN_INT8
         assert not np.array_equal(got, want)  # quantisation really happened
+
+
+def test_old_fp8_names_are_the_qdq_ones() -> None:
+    """graphs/fp8.py and Fp8Options keep working as names of the Q/DQ pass and its options."""
+    from walkforge.compiler import quantize
+    from walkforge.graphs import fp8, qdq
+
+    assert fp8.plan_fp8 is qdq.plan_qdq and fp8.quantize_qdq is qdq.quantize_qdq
+    assert fp8.INT8_WEIGHT_BITS is qdq.INT8_WEIGHT_BITS
+    assert quantize.Fp8Options is quantize.QdqOptions

@@ -1,4 +1,4 @@
-"""An independent BAGEL text-to-image reference for the tests, written from MODEL_FACTS_BAGEL.md:
+"""An independent BAGEL text-to-image reference for the tests, written from docs/model_facts.md:
 stock transformers Qwen3 pieces (projections, per-head norms, apply_rotary_pos_emb,
 eager_attention_forward, MLP, RMSNorm) for the MoT layers, diffusers' AutoencoderKL for the
 decoder, and the schedule, the CFG combine, the time and position embeddings as the formulas say,

@@ -122,7 +122,7 @@ def reference_from(model: Pi0Model) -> dict[str, nn.Module]:
 
 
 def rule_mask(pad: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
-    """MODEL_FACTS: i sees j iff cumsum(ar)[j] <= cumsum(ar)[i] and both real. [B, N, N]."""
+    """docs/model_facts.md: i sees j iff cumsum(ar)[j] <= cumsum(ar)[i] and both real. [B, N, N]."""
     c = ar.long().cumsum(-1).expand(pad.shape)
     return (c[:, None, :] <= c[:, :, None]) & pad[:, None, :] & pad[:, :, None]
 

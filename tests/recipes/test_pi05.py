@@ -1,6 +1,6 @@
 """pi0.5: the suffix's attention rule, the adaRMS Gemma block and the whole sampler against
-references built from stock transformers blocks plus hand-written adaRMS glue (MODEL_FACTS,
-"pi0.5 differences"), configs and walk contracts. Random weights, CPU."""
+references built from stock transformers blocks plus hand-written adaRMS glue
+(docs/model_facts.md, "pi0.5 differences"), configs and walk contracts. Random weights, CPU."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_suffix_mask_is_the_full_rule_split_at_the_cache() -> None:
     assert torch.equal(split[:, 0], mask[:, p:])
 
 
-# --- adaRMS glue, written from MODEL_FACTS -------------------------------------------------
+# --- adaRMS glue, written from docs/model_facts.md -----------------------------------------
 
 def adarms(x: torch.Tensor, dense: nn.Linear, cond: torch.Tensor, eps: float = 1e-6
            ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,19 +90,35 @@ def test_auto_prefers_trt_then_cuda_then_torch_cuda(monkeypatch):
 
 def test_auto_skips_a_backend_the_bundle_has_no_target_for(monkeypatch):
     monkeypatch.setattr(backends, "probe", lambda name: (True, ""))
-    manifest = {"targets": {"cpu": {"backend": "onnxruntime"}}}
+    manifest = {  # a compiled bundle's manifest, less what target choice never reads
+        "walkforge_version": "0", "created": "", "recipe": "vae", "variant": "tiny", "config": {},
+        "weights": {"fingerprint": "", "source": "random"}, "front": "vae", "dim_ranges": {},
+        "precision": {"weights": "fp32", "activations": "fp32", "kv": "fp32", "calibration": None},
+        "walks": {}, "plan": [], "targets": {"cpu": {"backend": "onnxruntime", "versions": {}, "walks": {}}}}
     choice, reason = resolve_backend("auto", manifest)
     assert choice == "cuda" and "bundle has no TensorRT target" in reason
 
 
 def test_every_registered_backend_is_one_package_with_the_whole_interface():
+    from walkforge.runtimes.backends.base import MEMBERS, Backend
+
+    declared = {*Backend.__annotations__, *(n for n, v in vars(Backend).items()
+                                             if callable(v) and not n.startswith("_"))}
+    assert set(MEMBERS) == declared  # the error's list of missing members names every member
     for name in backends.REGISTRY:
         impl = backends.get(name)
+        assert isinstance(impl, Backend), f"{name} is not a Backend"
         assert name == impl.NAME and isinstance(impl.AUTO, bool)
         for fn in ("probe", "has_target", "load", "allocate_pool"):
             assert callable(getattr(impl, fn)), f"{name} lacks {fn}"
         assert isinstance(impl.probe(), str)  # builds nothing, says what is missing
     assert not backends.get("torch").AUTO  # the reference is never auto-chosen
+
+
+def test_registry_refuses_a_module_that_is_not_a_backend(monkeypatch):
+    monkeypatch.setitem(backends.REGISTRY, "half", "walkforge.runtimes.backends.base")  # no NAME, no load
+    with pytest.raises(TypeError, match=r"backend 'half' .* is not a Backend: it lacks \['NAME', 'AUTO',"):
+        backends.get("half")
 
 
 def test_cpu_pool_is_host_memory_the_engines_bind_in_place():

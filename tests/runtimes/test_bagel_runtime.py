@@ -9,7 +9,6 @@ import torch
 from tolerances import BAGEL_TOL, rel_err
 
 import walkforge
-from walkforge import CompileRequest, compile_bundle
 from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.backends.torch import build_model
@@ -20,10 +19,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("bagel") / "bagel-tiny"
-    compile_bundle(CompileRequest("bagel", out, variant="tiny", seed=0))
-    return out
+def bundle(compiled):
+    return compiled("bagel", variant="tiny", seed=0, gpu_archs=())  # CPU engines: no AOT GPU kernels
 
 
 @pytest.fixture(scope="module")

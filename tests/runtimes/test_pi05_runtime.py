@@ -27,10 +27,8 @@ FP8_COSINE = 0.999  # fp8 weights + activations + fp8 KV pages vs fp32 (measured
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Bundle:
-    out = tmp_path_factory.mktemp("pi05") / "tiny"
-    compile_bundle(CompileRequest("pi05", out, variant="tiny", seed=3, gpu_archs=()))
-    return Bundle.open(out)
+def bundle(compiled) -> Bundle:
+    return Bundle.open(compiled("pi05", variant="tiny", seed=3, gpu_archs=()))
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,8 @@ SCALE_RTOL = FP32_EPS  # the manifest's scales are amax / 448 rounded once to fl
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Bundle:
-    out = tmp_path_factory.mktemp("pi0") / "tiny-kv8"
-    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=3, gpu_archs=("sm_90",), kv_dtype="fp8"))
-    return Bundle.open(out)
+def bundle(compiled) -> Bundle:
+    return Bundle.open(compiled("pi0", variant="tiny", seed=3, gpu_archs=("sm_90",), kv_dtype="fp8"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 from tolerances import PI0_TINY_ACTIONS_TOL, cosine, rel_err
 
 import walkforge
-from walkforge import CompileRequest, compile_bundle
 from walkforge.artifacts.bundle import Bundle
 from walkforge.errors import WalkforgeError
 from walkforge.recipes import get_recipe
@@ -21,10 +20,8 @@ BATCH_TOL = PI0_TINY_ACTIONS_TOL  # a request in a batch vs alone: other GEMM sh
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Bundle:
-    out = tmp_path_factory.mktemp("pi0") / "tiny"
-    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=3, gpu_archs=()))
-    return Bundle.open(out)
+def bundle(compiled) -> Bundle:
+    return Bundle.open(compiled("pi0", variant="tiny", seed=3, gpu_archs=()))
 
 
 @pytest.fixture(scope="module")
@@ -218,15 +215,15 @@ PATTERNS_3 = [p for p in np.ndindex(2, 2, 2) if any(p)]  # every camera pattern 
 
 
 @pytest.fixture(scope="module")
-def three_views(tmp_path_factory) -> Bundle:
+def three_views(compiled) -> Bundle:
     """tiny with three camera slots (robots often compile three and fill two)."""
     import json
 
-    out = tmp_path_factory.mktemp("pi0") / "tiny3"
-    (out.parent / "views.json").write_text(json.dumps({"num_views": 3}))
-    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=4, gpu_archs=(),
-                                  config_file=out.parent / "views.json"))
-    return Bundle.open(out)
+    def write(folder):
+        (folder / "views.json").write_text(json.dumps({"num_views": 3}))
+
+    config = compiled.inputs("pi0-views3", write) / "views.json"
+    return Bundle.open(compiled("pi0", variant="tiny", seed=4, gpu_archs=(), config_file=config))
 
 
 def walk_inputs(policy, feeds: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, tuple]], np.ndarray]:

@@ -1,5 +1,5 @@
-"""runtimes/processors, one step at a time, against the formulas of MODEL_FACTS.md ("LeRobot policy
-folders and processing"), written out here independently (torch's interpolate for the resize,
+"""runtimes/processors, one step at a time, against the formulas of docs/model_facts.md
+("LeRobot policy folders and processing"), written out here independently (torch's interpolate for the resize,
 transformers' tokenizer for the ids)."""
 
 from __future__ import annotations
@@ -200,13 +200,15 @@ def test_pi05_prompt_format():
     assert got == "Task: open the drawer, State: 128 0 255 128;\nAction: "
 
 
-def test_tokenize_adds_bos_pads_right_and_refuses_too_long():
+def test_tokenize_adds_bos_pads_right_and_truncates_too_long_as_lerobot(caplog):
     encode = {"ab": [5, 6], "abc": [5, 6, 7, 8]}.__getitem__
     ids, mask = tokenize(["ab", "abc"], encode, 2, 6)
     assert ids.tolist() == [[2, 5, 6, 0, 0, 0], [2, 5, 6, 7, 8, 0]] and ids.dtype == np.int64
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
-    with pytest.raises(WalkforgeError, match=r"task too long: its prompt is 5 tokens \(with BOS\).* most 4"):
-        tokenize(["abc"], encode, 2, 4)
+    # LeRobot's tokenizer step (truncation=True, BOS kept): the first max_length tokens, a warning
+    ids, mask = tokenize(["abc", "ab"], encode, 2, 4)
+    assert ids.tolist() == [[2, 5, 6, 7], [2, 5, 6, 0]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert "task too long: its prompt is 5 tokens (with BOS), cut to 4" in caplog.text
 
 
 @pytest.fixture(scope="module")

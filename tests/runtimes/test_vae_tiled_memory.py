@@ -12,9 +12,6 @@ import textwrap
 
 import pytest
 
-from walkforge import compile_bundle
-from walkforge.compiler.pipeline import CompileRequest
-
 TILE = 128  # pixels: a 64² latent tile, whose mid-block attention (4096 tokens) dominates its peak
 IMAGE = 1024  # pixels: 121 tiles of four sizes; decoded whole, its attention alone would be 64 GiB
 # Peak growth of the tiled decode over one tile's: the output image and one row of decoded tiles
@@ -46,11 +43,9 @@ def decode_growth(bundle, latent: int) -> dict:
 
 
 @pytest.mark.slow
-def test_tiled_decode_peak_memory_is_one_tiles(tmp_path) -> None:
-    bundle = tmp_path / "vae"
-    compile_bundle(CompileRequest("vae", bundle, variant="tiny"))
-    one = decode_growth(bundle, TILE // 2)  # exactly one tile: decoded whole
-    big = decode_growth(bundle, IMAGE // 2)
+def test_tiled_decode_peak_memory_is_one_tiles(tiny_bundle) -> None:
+    one = decode_growth(tiny_bundle, TILE // 2)  # exactly one tile: decoded whole
+    big = decode_growth(tiny_bundle, IMAGE // 2)
     assert big["shape"] == [1, 3, IMAGE, IMAGE]
     assert one["growth_kib"] > 32 * 1024  # the tile's decode is what is measured, not noise
     assert big["growth_kib"] <= TILED_PEAK_RATIO * one["growth_kib"], (one, big)

@@ -19,7 +19,6 @@ import pytest
 from lerobot_folder import write_tokenizer
 
 import walkforge
-from walkforge import CompileRequest, compile_bundle
 from walkforge.serving.app import ServeOptions, load_local
 from walkforge.serving.server import run_server
 
@@ -27,13 +26,10 @@ TASKS = ("pick the cube", "open it", "stack")  # short: tiny compiles 16 prompt 
 
 
 @pytest.fixture(scope="session")
-def pi0_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pi0_bundle(compiled) -> Path:
     """`walkforge compile pi0 --variant tiny --tokenizer DIR` (random weights, seed 3)."""
-    root = tmp_path_factory.mktemp("serving")
-    write_tokenizer(root / "tok")
-    out = root / "pi0-tiny"
-    compile_bundle(CompileRequest("pi0", out, variant="tiny", seed=3, gpu_archs=(), tokenizer=root / "tok"))
-    return out
+    tokenizer = compiled.inputs("serving-tokenizer", lambda d: write_tokenizer(d / "tok"))
+    return compiled("pi0", variant="tiny", seed=3, gpu_archs=(), tokenizer=tokenizer / "tok")
 
 
 @pytest.fixture(scope="session")

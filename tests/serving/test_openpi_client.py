@@ -46,7 +46,8 @@ def test_openpi_client_actions_equal_select_action(policy, observation, openpi_p
                                           tmp_path / "out.npz"))
     actions = np.load(tmp_path / "out.npz")["actions"]
     assert report["chunk_size"] == 50 and {"infer_ms", "queue_ms"} <= set(report["timing"])
-    assert report["error"].startswith("Error in inference server:") and "lacks camera" in report["error"]
+    assert report["error"].startswith("Error in inference server:")
+    assert "none of this policy's cameras" in report["error"]
     want = {k: v for k, v in obs.items() if k != "noise"}
     policy.reset()
     first = policy.select_action(want, obs["noise"])

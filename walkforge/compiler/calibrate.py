@@ -1,5 +1,4 @@
-"""Calibration for the Q/DQ pass (FP8 or INT8): activation and weight amax, scales files,
-per-layer sensitivity.
+"""Calibration for the Q/DQ pass (FP8 or INT8): activation and weight amax, per-layer sensitivity.
 
 Activation amax comes from running the fp32 ONNX on onnxruntime with the activation inputs of
 every MatMul/Gemm/Conv exposed as extra graph outputs. Two methods:
@@ -12,40 +11,37 @@ every MatMul/Gemm/Conv exposed as extra graph outputs. Two methods:
 
 Weight amax is per output channel (MatMul [K, N] → N, Gemm transB [N, K] → N, Conv
 [O, I, kh, kw] → O). Scales are amax / 448 for fp8, amax / 127 for int8
-(`graphs.fp8.qdq_scales`). Scales files are
-safetensors: `act/<tensor>` (0-d float32) and `weight/<initializer>` (1-d float32), with
-JSON-encoded metadata (method, samples, percentile).
+(`graphs.qdq.qdq_scales`); a bundle keeps them in its scales file (`compiler.quantize.save_scales`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from walkforge.artifacts.npz import read_npz
 from walkforge.compiler.check import agreement, worst
-from walkforge.compiler.runtime import host_copy
+from walkforge.compiler.runtime_protocol import host_copy
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import (
+from walkforge.graphs.ort import require_onnxruntime, session_kwargs, session_options
+from walkforge.graphs.qdq import (
     GEMM_OPS,
     node_name,
-    plan_fp8,
+    plan_qdq,
     quantize_qdq,
     read_tensor,
     weight_uses,
 )
-from walkforge.graphs.ort import session_kwargs, session_options
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 METHODS = ("max", "percentile")
@@ -140,28 +136,6 @@ def weight_amax(model: onnx.ModelProto, base_dir: str | Path | None = None) -> d
     return out
 
 
-def save_scales(path: str | Path, act: Mapping[str, float], weights: Mapping[str, np.ndarray],
-                meta: Mapping[str, Any]) -> None:
-    """Write activation and weight scales (float32) and metadata (JSON values) as safetensors."""
-    tensors = {f"act/{k}": np.asarray(v, np.float32).reshape(()) for k, v in act.items()}
-    tensors |= {f"weight/{k}": np.ascontiguousarray(v, np.float32).ravel() for k, v in weights.items()}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
-
-
-def load_scales(path: str | Path) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, Any]]:
-    """Read what `save_scales` wrote: (activation scales, weight scales, metadata)."""
-    act, weights = {}, {}
-    with safe_open(str(path), framework="numpy") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            kind, _, name = key.partition("/")
-            if kind == "act":
-                act[name] = float(f.get_tensor(key))
-            elif kind == "weight":
-                weights[name] = f.get_tensor(key)
-    return act, weights, meta
-
-
 def per_layer_sensitivity(model: onnx.ModelProto, act_scales: Mapping[str, float],
                           weight_scales: Mapping[str, np.ndarray],
                           feeds: Sequence[Mapping[str, np.ndarray]],
@@ -171,7 +145,7 @@ def per_layer_sensitivity(model: onnx.ModelProto, act_scales: Mapping[str, float
     """Quantise one node at a time to `dtype`; return (node name, worst output cosine vs
     reference), lowest first. `reference_outputs[i]` holds the fp32 outputs (by name) for `feeds[i]`.
     """
-    uses, _ = plan_fp8(model, base_dir=base_dir)
+    uses, _ = plan_qdq(model, base_dir=base_dir)
     result = []
     for use in uses:
         single = onnx.ModelProto()
@@ -241,6 +215,7 @@ def _session(model: onnx.ModelProto, base_dir: str | Path | None = None,
              fuse_qdq: bool = False) -> ort.InferenceSession:
     """A CPU session for a throwaway model (a large one may be moved to external data);
     `fuse_qdq` for an int8 model, to run it on the integer kernels the engines use."""
+    ort = require_onnxruntime()
     opts = session_options(spinning=False, fuse_qdq=fuse_qdq, prepack=False)
     kw = session_kwargs(["CPUExecutionProvider"], fuse_qdq)
     if base_dir is None and model.ByteSize() < PROTO_LIMIT:

@@ -17,9 +17,10 @@ from walkforge.errors import WalkforgeError
 
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_110", "sm_120")
 """A100; RTX 30xx/A10; Jetson Orin; RTX 40xx/L4; H100/H200; B200; Jetson Thor; RTX 50xx. Each
-compiles in ~5-10 s. Triton 3.9's ptxas (13.4) also builds sm_103 (B300) and sm_121 (DGX Spark)
-on request; sm_101 is gone from CUDA 13 (renamed sm_110). Devices of another minor use the PTX of
-the newest arch below them where that PTX is not arch-specific (plugins/arch.py)."""
+costs the kernels stage seconds (docs/benchmarks.md). Triton 3.9's ptxas (13.4) also builds
+sm_103 (B300) and sm_121 (DGX Spark) on request; sm_101 is gone from CUDA 13 (renamed sm_110).
+Devices of another minor use the PTX of the newest arch below them where that PTX is not
+arch-specific (plugins/arch.py)."""
 
 
 RENAMED_ARCHS = {"sm_101": "sm_101 is Jetson Thor's pre-CUDA-13 name; CUDA 13's ptxas (Triton's for sm_90+) "

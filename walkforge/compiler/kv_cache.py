@@ -4,8 +4,8 @@
 runtime chains them). After every call of a walk that writes the pool in place (pi0's prefill:
 its `aliases` map an output onto `kv_pool`), the pages of that call's block table are read back:
 amax[l, K|V] is the max |x| over every K (V) written in layer l. Scales are amax / 448
-(`graphs.fp8.fp8_scales`). Then every walk that takes the pool is rewritten by
-`plugins.fp8_kv_pool` (pool graph inputs/outputs become UINT8 E4M3 bytes, fp8 function bodies),
+(`graphs.qdq.fp8_scales`). Then every walk that takes the pool is rewritten by
+`graphs.functions.fp8_kv_pool` (pool graph inputs/outputs become UINT8 E4M3 bytes, fp8 function bodies),
 its contract's pool dtype becomes float8_e4m3fn, and the actions of the first sample are
 compared with the fp32 pool's.
 
@@ -28,9 +28,9 @@ from safetensors.numpy import save_file
 from walkforge.compiler.calibrate import run_observed
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.passes import run_pass
-from walkforge.compiler.runtime import Runtime
+from walkforge.compiler.runtime_protocol import Runtime
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import fp8_scales
+from walkforge.graphs.qdq import fp8_scales
 from walkforge.plugins.constants import FP8_POOL_DTYPE
 
 log = logging.getLogger(__name__)

@@ -17,16 +17,16 @@ from typing import Any
 
 import onnx
 
-from walkforge import plugins
 from walkforge.graphs.bf16 import cast_bf16, emulate_bf16
-from walkforge.graphs.fp8 import quantize_fp8, quantize_int8
+from walkforge.graphs.functions import attach_functions, fp8_kv_pool
+from walkforge.graphs.qdq import quantize_fp8, quantize_int8
 
 log = logging.getLogger(__name__)
 
 Pass = Callable[..., tuple[onnx.ModelProto, dict[str, int]]]
 PASSES: dict[str, Pass] = {
-    "attach_functions": plugins.attach_functions,
-    "fp8_kv_pool": plugins.fp8_kv_pool,
+    "attach_functions": attach_functions,
+    "fp8_kv_pool": fp8_kv_pool,
     "quantize_fp8": quantize_fp8,
     "quantize_int8": quantize_int8,
     "cast_bf16": cast_bf16,

@@ -29,13 +29,19 @@ import walkforge
 from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
 from walkforge.artifacts.space import check_free_space, disk_full_reason, expected_bytes, is_disk_full
 from walkforge.compiler.check import agreement, worst
-from walkforge.compiler.export import OPSET, export_walk, op_counts
-from walkforge.compiler.kernels import DEFAULT_ARCHS, build_kernels, check_archs, fp8_warning, plugin_ops
+from walkforge.compiler.export import OPSET, export_walk, op_counts, structure_key
+from walkforge.compiler.kernels import build_kernels, fp8_warning, plugin_ops
 from walkforge.compiler.passes import add_counts, run_pass
-from walkforge.compiler.runtime import Runtime
+from walkforge.compiler.request import (  # noqa: F401 (the request and its vocabularies lived here)
+    KV_DTYPES,
+    PRECISIONS,
+    WEIGHTS_VARIANTS,
+    CompileRequest,
+)
+from walkforge.compiler.runtime_protocol import Runtime
 from walkforge.compiler.weights_file import write_safetensors
 from walkforge.errors import CompileError, WalkforgeError
-from walkforge.graphs.fp8 import INT8_WEIGHT_BITS
+from walkforge.graphs.ort import require_onnxruntime
 from walkforge.graphs.walk import GraphNode
 from walkforge.plugins.constants import PAGE_SIZE
 from walkforge.progress import Progress
@@ -46,69 +52,6 @@ from walkforge.recipes.weights import match_strict
 log = logging.getLogger(__name__)
 CHECK_REL_TOL = 1e-3  # fp32 ONNX vs torch, relative to output scale: catches broken exports
 WEIGHTS_FILE = "weights/model.safetensors"
-PRECISIONS = ("fp32", "fp8", "int8", "bf16")
-KV_DTYPES = ("fp32", "fp8")
-WEIGHTS_VARIANTS = ("fp16", "bf16")
-
-
-@dataclass
-class CompileRequest:
-    """What to compile. Without `checkpoint`, weights are seeded random (`seed`).
-
-    Checked when built: a bad setting raises a one-line WalkforgeError naming its option (the
-    field's CLI flag) and value, before any work.
-    """
-
-    recipe: str
-    out: Path
-    variant: str | None = None
-    checkpoint: Path | None = None
-    config_file: Path | None = None
-    seed: int = 0
-    force: bool = False
-    precision: str = "fp32"  # "fp32" | "fp8" | "int8" (E4M3 / INT8 Q/DQ on GEMM/conv inputs and weights)
-    # | "bf16" (bf16 weights and GEMM math, graphs/bf16.py)
-    calib_samples: int = 8
-    calib_data: Path | None = None
-    calib_method: str = "max"  # "max" | "percentile"
-    calib_percentile: float = 99.99
-    reuse_calibration: Path | None = None  # take FP8/INT8 scales from this bundle (same weights only)
-    fp8_min_cosine: float | None = None  # --min-cosine: end-to-end gate (fp8, int8), excludes nodes
-    fp8_exclude: tuple[str, ...] = ()  # node names or torch module paths kept in fp32 (fp8 and int8)
-    gpu_archs: tuple[str, ...] = DEFAULT_ARCHS
-    kv_dtype: str = "fp32"  # "fp32" | "fp8" (E4M3 page pool, per-layer K/V scales; any precision)
-    weights_variant: str | None = None  # checkpoint weights file variant (diffusers' `variant=`)
-    walks: tuple[str, ...] = ()  # walks to compile where the recipe offers a choice (vae: decode,encode)
-    tokenizer: Path | None = None  # a local tokenizer folder bundled for text prompts (pi0, pi05)
-    reference_weights: bool = True  # False (--no-reference-weights): no WEIGHTS_FILE in the bundle
-    # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max; None (--int8-weight-bits
-    # auto): 7 where the end-to-end cosine stays ≥ graphs.fp8.SEVEN_BIT_MIN_COSINE, else 8
-    int8_weight_bits: int | None = None
-
-    def __post_init__(self) -> None:
-        from walkforge.compiler.calibrate import METHODS
-
-        rules = {
-            "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-            "kv_dtype": (self.kv_dtype in KV_DTYPES, f"one of {', '.join(KV_DTYPES)}"),
-            "calib_samples": (self.calib_samples >= 1, "at least 1"),
-            "int8_weight_bits": (self.int8_weight_bits in (None, *INT8_WEIGHT_BITS),
-                                 "7, 8 or None (auto)"),
-            "calib_method": (self.calib_method in METHODS, f"one of {', '.join(METHODS)}"),
-            "calib_percentile": (0 < self.calib_percentile <= 100, "in (0, 100]"),
-            "fp8_min_cosine": (self.fp8_min_cosine is None or 0 < self.fp8_min_cosine <= 1, "in (0, 1]"),
-            "weights_variant": (self.weights_variant in (None, *WEIGHTS_VARIANTS),
-                                f"one of {', '.join(WEIGHTS_VARIANTS)}"),
-        }
-        for name, (ok, rule) in rules.items():
-            if not ok:
-                flag = "--" + name.replace("_", "-")
-                raise WalkforgeError(f"{flag} must be {rule}, got {getattr(self, name)!r}")
-        if self.variant is not None and self.checkpoint is not None:
-            raise WalkforgeError("give either --variant or --checkpoint, not both")
-        if self.weights_variant is not None and self.checkpoint is None:
-            raise WalkforgeError("--weights-variant picks a checkpoint's weights file: give --checkpoint")
-        check_archs(self.gpu_archs)
 
 
 @dataclass
@@ -127,18 +70,18 @@ class Job:
 def load(job: Job) -> dict[str, int]:
     """Write the model's weights to WEIGHTS_FILE one tensor at a time (`weights_source`: from the
     memory-mapped checkpoint, or a random model): later stages read weights from that file, one
-    walk or one tensor at a time. A full-size pi0 compiles within 10 GiB of RSS this way."""
+    walk or one tensor at a time. So a full-size pi0 compiles in 24 GiB (peak RSS: docs/benchmarks.md)."""
     req = job.request
     job.recipe = get_recipe(req.recipe)
     overrides = load_overrides(req.config_file) if req.config_file is not None else {}
     if req.checkpoint is not None:
-        variant = {"weights_variant": req.weights_variant} if req.weights_variant else {}
-        if variant and "weights_variant" not in inspect.signature(job.recipe.read_checkpoint).parameters:
-            raise WalkforgeError(f"--weights-variant: recipe '{req.recipe}' reads one weights file")
         # the overrides go in first: head counts and sizes are in no tensor shape
-        read = job.recipe.read_checkpoint(Path(req.checkpoint), overrides, **variant)
+        read = job.recipe.read_checkpoint(Path(req.checkpoint), overrides, **checkpoint_options(job))
         job.cfg, tensors = read
         job.manifest |= getattr(read, "manifest", {})  # recipe entries, e.g. the vae's scaling
+        for line in policy_notes(job.manifest.get("policy") or {}):
+            job.progress.say(line)
+            log.warning("%s", line)
         files = dict(getattr(read, "files", {}))  # e.g. pi0's policy/stats.safetensors
     else:
         job.cfg = from_dict(job.recipe.config, overrides, job.recipe.variant(req.variant or "tiny"))
@@ -164,6 +107,36 @@ def load(job: Job) -> dict[str, int]:
         "dim_ranges": {k: list(v) for k, v in job.recipe.trt_dims(job.cfg).items()},  # TensorRT ranges
     }
     return counts
+
+
+def policy_notes(policy: Mapping[str, Any]) -> list[str]:
+    """What a LeRobot folder's reading decided that the user should see: an unsure release, a
+    model-only folder."""
+    notes = []
+    if (release := policy.get("lerobot")) and not release["certain"]:
+        notes.append(f"warning: LeRobot {release['release']} semantics: {release['how']}")
+    if "processors" in policy and policy["processors"] is None:
+        notes.append("warning: model-only folder (no policy_preprocessor.json / policy_postprocessor.json): "
+                     "the bundle runs infer() but not the policy API; --processors DIR supplies them")
+    return notes
+
+
+# CompileRequest fields a recipe's read_checkpoint takes when it can use them, with what a
+# recipe that cannot says.
+CHECKPOINT_OPTIONS = {"weights_variant": "reads one weights file",
+                      "lerobot_version": "reads no LeRobot folder", "processors": "reads no LeRobot folder"}
+
+
+def checkpoint_options(job: Job) -> dict[str, Any]:
+    """The given checkpoint options, each refused in one line by a recipe that takes none."""
+    given = {k: getattr(job.request, k, None) for k in CHECKPOINT_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    takes = inspect.signature(job.recipe.read_checkpoint).parameters
+    for name in given:
+        if name not in takes:
+            flag = "--" + name.replace("_", "-")
+            raise WalkforgeError(f"{flag}: recipe '{job.request.recipe}' {CHECKPOINT_OPTIONS[name]}")
+    return given
 
 
 def weights_source(job: Job, tensors: Mapping[str, torch.Tensor] | None
@@ -237,8 +210,10 @@ def trace(job: Job) -> dict[str, int]:
     walks, totals = {}, Counter()
     for node in job.walks.nodes:
         job.progress.say(f"exporting walk '{node.name}'")
+        key = structure_key(walkforge.__version__, OPSET, job.recipe.name, to_dict(job.cfg),
+                            job.request.walks, node.name)
         ops, counts = export_walk(node, job.stage_dir / "walks" / f"{node.name}.onnx",
-                                  job.stage_dir / WEIGHTS_FILE)
+                                  job.stage_dir / WEIGHTS_FILE, key)
         totals.update(counts)
         walks[node.name] = {"onnx": f"walks/{node.name}.onnx", **node.contract(), "ops": ops}
     job.manifest["walks"] = walks
@@ -332,7 +307,7 @@ def walk_with_weights(recipe: Recipe, cfg: Any, name: str, weights: Path,
 
 def build(job: Job) -> dict[str, int]:
     """The `cpu` target runs the walk ONNX files directly on onnxruntime's CPU provider."""
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     job.manifest["targets"] = {"cpu": {
         "backend": "onnxruntime", "provider": "CPUExecutionProvider",
@@ -363,7 +338,7 @@ def kv_cache(job: Job) -> dict[str, int]:
 def calibrate(job: Job) -> dict[str, int]:
     """fp8/int8: calibrate on the fp32 cpu engines (or reuse scales), quantise, gate end to end."""
     from walkforge.compiler.calibrate import calibration_samples
-    from walkforge.compiler.quantize import Fp8Options, quantize_bundle
+    from walkforge.compiler.quantize import QdqOptions, quantize_bundle
 
     req = job.request
     if req.precision == "fp32":
@@ -373,8 +348,9 @@ def calibrate(job: Job) -> dict[str, int]:
         return _bf16(job, bundle)
     samples = [] if req.reuse_calibration else calibration_samples(
         bundle, req.calib_data, req.calib_samples, req.seed)
-    opts = Fp8Options(req.calib_method, req.calib_percentile, req.reuse_calibration,
-                      req.fp8_min_cosine, req.fp8_exclude, req.precision, req.int8_weight_bits)
+    opts = QdqOptions(method=req.calib_method, percentile=req.calib_percentile, reuse=req.reuse_calibration,
+                      min_cosine=req.fp8_min_cosine, exclude=req.fp8_exclude, dtype=req.precision,
+                      int8_weight_bits=req.int8_weight_bits)
     entry, counts = quantize_bundle(bundle, samples, opts, job.runtime, job.progress.bar)
     job.manifest["precision"]["calibration"] = entry  # quantize_bundle set weights/activations
     e2e, excluded = entry["end_to_end"], entry["gate"]["excluded"]
@@ -463,6 +439,7 @@ def compile_bundle(request: CompileRequest, progress: Progress | None = None, *,
                    runtime: Runtime) -> dict[str, Any]:
     """Compile `request` into a bundle at `request.out`, running the staged engines on `runtime`
     (`walkforge.compile_bundle` passes `walkforge.runtimes`); return the manifest."""
+    require_onnxruntime()  # check, calibration and gates run on it: say so before minutes of tracing
     progress = progress or Progress(enabled=False)
     with staged_bundle(Path(request.out), force=request.force) as stage_dir:
         job = Job(request, stage_dir, progress, runtime)

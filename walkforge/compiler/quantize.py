@@ -6,9 +6,9 @@
    `calib/scales.safetensors`, keys `<walk>/act/<tensor>` and `<walk>/weight/<initializer>`,
    metadata `dtype` and `weight_max` (scales are amax / the dtype's max, weights' amax / weight_max:
    int8 weights have 8 bits by default, 7 on request; reused scales convert between dtypes and weight widths).
-2. Quantise: the Q/DQ pass (graphs/fp8.py) in that dtype over every walk, minus excluded nodes.
+2. Quantise: the Q/DQ pass (graphs/qdq.py) in that dtype over every walk, minus excluded nodes.
    int8 weights by default (`int8_weight_bits=None`): 7 bits where the end-to-end cosine stays at
-   or above graphs.fp8.SEVEN_BIT_MIN_COSINE (and the gate), else 8 bits (the same scales, rescaled).
+   or above graphs.qdq.SEVEN_BIT_MIN_COSINE (and the gate), else 8 bits (the same scales, rescaled).
 3. Gate (`min_cosine`): end-to-end cosine of the front API's outputs vs the fp32 engines on
    held-out inputs. While below the gate, exclude the most sensitive nodes (each measured by
    quantising it alone), doubling how many, and quantise again. Reports what it excluded.
@@ -43,9 +43,9 @@ from walkforge.compiler.calibrate import (
 from walkforge.compiler.check import agreement, worst
 from walkforge.compiler.export import op_counts
 from walkforge.compiler.passes import add_counts, run_pass
-from walkforge.compiler.runtime import Runtime, host_copy
+from walkforge.compiler.runtime_protocol import Runtime, host_copy
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.fp8 import QDTYPES, SEVEN_BIT_MIN_COSINE, int8_weight_max, qdq_scales
+from walkforge.graphs.qdq import QDTYPES, SEVEN_BIT_MIN_COSINE, int8_weight_max, qdq_scales
 
 SCALES_FILE = "calib/scales.safetensors"
 HELD_OUT_SEEDS = (7001, 7002)  # end-to-end gate inputs; calibration uses seed + 1000 + k
@@ -55,8 +55,8 @@ MANIFEST_PRECISION = {"fp8": "fp8_e4m3", "int8": "int8"}  # dtype → manifest p
 
 
 @dataclass(frozen=True)
-class Fp8Options:
-    """How a bundle is quantised; `dtype` "fp8" or "int8" (the name predates int8)."""
+class QdqOptions:
+    """How a bundle is quantised; `dtype` "fp8" or "int8"."""
 
     method: str = "max"
     percentile: float = 99.99
@@ -64,7 +64,7 @@ class Fp8Options:
     min_cosine: float | None = None  # end-to-end gate; None = measure, never exclude
     exclude: tuple[str, ...] = ()  # node names or torch module paths never quantised
     dtype: str = "fp8"
-    # int8 weights at ±63 (7) or ±127 (8), graphs.fp8.int8_weight_max; None: 7 where accurate enough
+    # int8 weights at ±63 (7) or ±127 (8), graphs.qdq.int8_weight_max; None: 7 where accurate enough
     int8_weight_bits: int | None = None
 
     @property
@@ -76,7 +76,10 @@ class Fp8Options:
         return int8_weight_max(7 if self.int8_weight_bits is None else self.int8_weight_bits)
 
 
-def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
+Fp8Options = QdqOptions  # its name before int8
+
+
+def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]], opts: QdqOptions,
                     runtime: Runtime, progress: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
     """Make every walk of a staged fp32 bundle `opts.dtype`, running it on `runtime`'s cpu engines;
     return the manifest's calibration entry and the Q/DQ pass counts summed over walks. Sets the
@@ -153,7 +156,7 @@ def fp32_aside(bundle: Bundle, paths: Mapping[str, Path]) -> Iterator[dict[str, 
 
 
 def collected_scales(runner: Any, runtime: Runtime, paths: Mapping[str, Path],
-                     samples: Sequence[Mapping[str, np.ndarray]], opts: Fp8Options,
+                     samples: Sequence[Mapping[str, np.ndarray]], opts: QdqOptions,
                      progress: Any) -> tuple[Scales, dict[str, Any]]:
     """Activation amax from `samples` through the chained fp32 engines; weight amax per channel
     (each walk's weights loaded in turn)."""

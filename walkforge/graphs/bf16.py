@@ -11,8 +11,8 @@ tensor types. What precision needs stays float32 because the pass never touches 
 (ReduceMean/Pow/Sqrt), Softmax, the Euler update (Add/Mul of x_t and v_t), the sinusoidal time
 embedding, the walk inputs and outputs, and the walkforge custom ops (attention over the page pool
 keeps its fp32 pool and body). An initializer read by anything besides GEMMs (a tied embedding
-table also read by a Gather) stays fp32 and gets a Cast instead. Like the fp8 pass
-(graphs/fp8.py), nodes inside model-local functions are not touched.
+table also read by a Gather) stays fp32 and gets a Cast instead. Like the Q/DQ pass
+(graphs/qdq.py), nodes inside model-local functions are not touched.
 
 `emulate_bf16` is the CPU check of a bf16 graph: onnxruntime's CPU provider has no bf16 MatMul,
 so every bf16 GEMM becomes Cast(fp32) → the fp32 GEMM → Cast(bf16). Weights and GEMM inputs keep
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from walkforge.graphs.fp8 import _is_2d_transpose, _Names, read_tensor
+from walkforge.graphs.qdq import _is_2d_transpose, _Names, read_tensor
 
 BF16, FLOAT = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
 BF16_OPS = ("MatMul", "Gemm", "Conv")

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the plugin Triton kernels to cubin + PTX, no GPU needed.
 
-Each record holds what a bundle needs to launch the kernel later (DESIGN.md, "Custom ops"):
+Each record holds what a bundle needs to launch the kernel later (docs/design.md, "Custom ops"):
 the binary, its PTX and PTX ISA (a driver older than the PTX ISA rejects it), the argument
 signature, the constexprs it was specialised for, launch width, shared memory and the grid rule.
 What is an op's own (its kernel, signature, constexprs, grid rule) is that op module's `AOT`;

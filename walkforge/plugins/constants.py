@@ -1,6 +1,6 @@
 """Constants shared by the plugin references, ONNX bodies and Triton kernels.
 
-Pool layout (DESIGN.md, "KV cache"): float32 or float8_e4m3fn `[layers, 2, num_pages, page_size,
+Pool layout (docs/design.md, "KV cache"): float32 or float8_e4m3fn `[layers, 2, num_pages, page_size,
 kv_heads, head_dim]`, index 0 of dim 1 is K, index 1 is V. An fp8 pool has per-layer scales
 `kv_scales` float32 `[layers, 2]` (K, V): stored = E4M3(x / scale), read = stored * scale.
 """

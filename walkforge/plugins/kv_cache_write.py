@@ -10,7 +10,7 @@ Shapes:
 
 An fp8 pool stores saturate(k / kv_scales[l, 0]) (and v / kv_scales[l, 1]) rounded to E4M3
 (nearest even); a float32 pool stores k and v as they are and ignores kv_scales. In ONNX an fp8
-pool travels as its raw bytes (UINT8, see `walkforge.plugins.fp8_kv_pool`): onnxruntime's Gather
+pool travels as its raw bytes (UINT8, see `walkforge.graphs.functions.fp8_kv_pool`): onnxruntime's Gather
 and ScatterND do not take float8 tensors.
 
 Token (b, s) at logical position p >= 0 lands in page block_table[b, p // PS], slot p % PS, for

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from walkforge.errors import WalkforgeError
+from walkforge.recipes.lerobot_release import FolderFacts, decide
 
 STATS_FILE = "policy/stats.safetensors"
 TOKENIZER_DIR = "policy/tokenizer"
@@ -106,6 +107,7 @@ STATS_NEEDED = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", 
 DEFAULT_NORMALIZATION = {"pi0": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
                          "pi05": {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"}}
 IMAGES = "observation.images."
+RELATIVE_STEPS = ("relative_actions_processor", "delta_actions_processor")  # 0.6.x's name, 0.5.1's
 
 
 def lerobot_cameras(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -118,10 +120,14 @@ def lerobot_cameras(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
             + [{"key": k, "empty": True} for k in empty])
 
 
-def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str
-                   ) -> tuple[dict[str, Any], dict[str, bytes]]:
+def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str, *,
+                   weight_keys: frozenset[str] = frozenset(), lerobot_version: str | None = None,
+                   processors: Path | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The policy entry of a LeRobot folder (checked against the compiled `cfg`) and its stats
-    file: each field from config.json, the normalisation and stats from the processor JSONs."""
+    file: each field from config.json, the normalisation, stats and action steps from the
+    processor JSONs (in `processors` when given, else in the folder; a folder without them is
+    model-only: its bundle runs `infer`, not the policy API), the LeRobot release's semantics
+    from the folder's markers (recipes/lerobot_release.py) or `lerobot_version`."""
     cameras = lerobot_cameras(meta) or default_policy(cfg, kind)["cameras"]
     max_state = int(meta.get("max_state_dim", getattr(cfg, "state_dim", LEROBOT_MAX_DIM)))
     max_action = int(meta.get("max_action_dim", cfg.action_dim))
@@ -136,21 +142,90 @@ def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str
     steps = int(meta.get("n_action_steps", chunk))
     if not 1 <= steps <= chunk:
         raise WalkforgeError(f"config.json: n_action_steps {steps} must be in [1, chunk_size {chunk}]")
-    processors = read_processors(folder)
-    normalization = _normalization(meta, processors, kind)
-    stats = merged_stats(folder, processors)
+    source = Path(processors) if processors is not None else Path(folder)
+    found = read_processors(source)
+    if processors is not None and not found:
+        raise WalkforgeError(f"--processors {source}: holds neither {' nor '.join(PROCESSORS)}")
+    processors_entry = _processors_entry(found, source, processors is not None)
+    normalization = _normalization(meta, found, kind)
+    stats = merged_stats(source, found)
     state = _feature_dim(meta, "input_features", STATE_KEY, max_state)
     action = _feature_dim(meta, "output_features", ACTION_KEY, max_action)
-    _check_stats(normalization, stats, {"STATE": (STATE_KEY, state), "ACTION": (ACTION_KEY, action)})
+    if found:
+        _check_stats(normalization, stats, {"STATE": (STATE_KEY, state), "ACTION": (ACTION_KEY, action)})
+    facts = FolderFacts(meta, frozenset(s.get("registry_name") for ss in found.values() for s in ss),
+                        stat_shapes(source, found), weight_keys)
+    release = decide(facts, lerobot_version)
     entry = {
         "type": kind, "cameras": cameras, "image_resolution": resolution,
         "state": {"key": STATE_KEY, "dim": state}, "action": {"key": ACTION_KEY, "dim": action},
         "max_state_dim": max_state, "max_action_dim": max_action,
         "chunk_size": chunk, "n_action_steps": steps, "tokenizer_max_length": cfg.max_prompt_len,
         "normalization": normalization, "stats": STATS_FILE if stats else None, "tokenizer": None,
-        "hub_tokenizer": _hub_tokenizer(processors), "source": "lerobot",
+        "hub_tokenizer": _hub_tokenizer(found), "source": "lerobot",
+        "lerobot": release.entry(),
+        "processors": processors_entry,
+        "relative_actions": relative_actions(found, action, state),
     }
+    if kind == "pi05":
+        entry["prompt_state_dims"] = release.prompt_state_dims(state, max_state)
     return entry, ({STATS_FILE: _stats_bytes(stats)} if stats else {})
+
+
+def _processors_entry(found: Mapping[str, Any], source: Path, given: bool) -> dict[str, Any] | None:
+    """Where the processor JSONs came from; None for a model-only folder. Both or neither."""
+    if not found:
+        return None
+    if len(found) != len(PROCESSORS):
+        have, lack = next(iter(found)), next(n for n in PROCESSORS if n not in found)
+        raise WalkforgeError(f"{source} has {have} but not {lack}: LeRobot saves both")
+    return {"files": list(PROCESSORS), "from": "--processors" if given else "folder"}
+
+
+def relative_actions(processors: Mapping[str, list[dict[str, Any]]], action_dim: int, state_dim: int
+                     ) -> dict[str, Any] | None:
+    """LeRobot's absolute_actions_processor (postprocessor), when enabled: the action dims that get
+    the observation's raw state added back (`mask`), from the paired relative step's (RELATIVE_STEPS)
+    exclude_joints and action_names. None when the step is absent or disabled."""
+    post = _step(processors, PROCESSORS[1], "absolute_actions_processor")
+    if not (post and (post.get("config") or {}).get("enabled")):
+        return None
+    pre = next(filter(None, (_step(processors, PROCESSORS[0], n) for n in RELATIVE_STEPS)), None)
+    if pre is None:
+        raise WalkforgeError(f"{PROCESSORS[1]}: absolute_actions_processor is enabled but {PROCESSORS[0]} "
+                             f"has no {' / '.join(RELATIVE_STEPS)} step to take the state from")
+    config = pre.get("config") or {}
+    mask = relative_mask(config.get("exclude_joints") or [], config.get("action_names"), action_dim)
+    if state_dim < action_dim:
+        raise WalkforgeError(f"relative actions add the state to the actions, but the state has {state_dim} "
+                             f"dims and the action {action_dim}")
+    return {"mask": mask, "exclude_joints": list(config.get("exclude_joints") or []),
+            "action_names": config.get("action_names")}
+
+
+def relative_mask(exclude: list[str], names: list[str] | None, action_dim: int) -> list[bool]:
+    """LeRobot's rule: dim j is relative unless an exclude entry equals or is a substring of
+    action name j (case-insensitive); dims past the names, or all when names is None, are relative."""
+    tokens = [str(e).lower() for e in exclude if e]
+    if not tokens or names is None:
+        return [True] * action_dim
+    mask = [not any(t == str(n).lower() or t in str(n).lower() for t in tokens) for n in names[:action_dim]]
+    return mask + [True] * (action_dim - len(mask))
+
+
+def _step(processors: Mapping[str, list[dict[str, Any]]], file: str, name: str) -> dict[str, Any] | None:
+    return next((s for s in processors.get(file, []) if s.get("registry_name") == name), None)
+
+
+def stat_shapes(folder: Path, processors: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[int, ...]]:
+    """The shapes the preprocessor's stats file stores (its header only)."""
+    from safetensors import safe_open
+
+    for name, step in _normalizer_steps(processors):
+        if name == PROCESSORS[0] and step.get("state_file") and (Path(folder) / step["state_file"]).is_file():
+            with safe_open(str(Path(folder) / step["state_file"]), "np") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    return {}
 
 
 def _agree(field: str, said: Any, what: str, has: Any) -> None:
@@ -234,10 +309,16 @@ def merged_stats(folder: Path, processors: Mapping[str, list[dict[str, Any]]]) -
         except Exception as exc:  # safetensors raises its own types for corrupt headers
             raise WalkforgeError(f"{path}: not a readable safetensors file ({exc})") from None
         for key, tensor in part.items():
-            if key in stats and not (stats[key].shape == tensor.shape and bool((stats[key] == tensor).all())):
+            if key in stats and not _same_values(stats[key], tensor):
                 raise WalkforgeError(f"{file}: stat '{key}' differs from the one in another stats file")
-            stats[key] = tensor
+            stats[key] = stats.get(key, tensor)
     return stats
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Stats compared by value, whatever their shape: LeRobot ≥ 0.6 saves a camera's (1,) count
+    as (1, 1, 1) in the preprocessor's file and as (1,) in the postprocessor's."""
+    return a.numel() == b.numel() and bool((a.flatten() == b.flatten()).all())
 
 
 def _check_stats(normalization: Mapping[str, str], stats: Mapping[str, Any],

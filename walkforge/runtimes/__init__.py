@@ -1,4 +1,4 @@
-"""Runtimes: load a bundle and run its engines, chained, on a backend (DESIGN.md, "runtimes/").
+"""Runtimes: load a bundle and run its engines, chained, on a backend (docs/design.md, "Layers").
 
 `load`, `walk_engine`, `to_numpy` and `ort_array` are also what the compiler is handed to run what it compiled
 (check, calibration, accuracy gates): it never imports this package itself.
@@ -30,7 +30,7 @@ def load(bundle: Any, backend: str = "cpu", threads: int | None = None, spinning
         bundle = Bundle.open(bundle, digest=digest)
     check_digest(bundle, digest)
     check_schema(bundle.manifest, str(bundle.root / MANIFEST), schedules=SCHEDULES)
-    return front_class(bundle.manifest)(bundle, backend, threads, spinning, **options)
+    return front_class(bundle.typed.front)(bundle, backend, threads, spinning, **options)
 
 
 def walk_engine(name: str, path: Path, walk: dict[str, Any], spinning: bool = True) -> Any:

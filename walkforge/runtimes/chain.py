@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from walkforge.artifacts.manifest import Manifest, as_manifest
 from walkforge.errors import WalkforgeError
 from walkforge.plugins.constants import kv_pages
 from walkforge.runtimes.kv_pool import DEFAULT_POOL_REQUESTS, KVPagePool, PoolSpec, kv_scales
@@ -53,10 +54,10 @@ SCHEDULE_SETTINGS = {"shifted_euler": ("timestep_shift",)}
 """The run settings a schedule takes as keywords besides (step, count, batch)."""
 
 
-def pool_writer(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+def pool_writer(manifest: Manifest | Mapping[str, Any]) -> tuple[str, str] | None:
     """(walk, pool input) of the walk that updates the page pool in place, or None."""
-    for name, walk in manifest["walks"].items():
-        for inp in walk.get("aliases", {}).values():
+    for name, walk in as_manifest(manifest).walks.items():
+        for inp in (walk.aliases or {}).values():
             return name, inp
     return None
 
@@ -68,16 +69,17 @@ class Paging:
     defaults to DEFAULT_POOL_REQUESTS full-length requests.
     """
 
-    def __init__(self, manifest: Mapping[str, Any], engines: Mapping[str, Any],
+    def __init__(self, manifest: Manifest | Mapping[str, Any], engines: Mapping[str, Any],
                  allocate_pool: Callable[[PoolSpec], Any], num_pages: int | None = None) -> None:
+        manifest = as_manifest(manifest)
         found = pool_writer(manifest)
         if found is None:
             raise ValueError("bundle has no walk that writes a page pool")
         writer, self.pool = found
-        if "paging" not in manifest:
+        if manifest.paging is None:
             raise WalkforgeError("bundle has a KV page pool but no 'paging' entry (compiled by an older "
                                  "walkforge): recompile it")
-        self.max_tokens = int(manifest["paging"]["max_tokens"])
+        self.max_tokens = int(manifest.paging.max_tokens)
         spec = next(s for s in engines[writer].inputs if s.name == self.pool)  # the engines' own dtype
         layers, _, _, page_size, kv_heads, head_dim = spec.shape
         pages = num_pages or DEFAULT_POOL_REQUESTS * kv_pages(self.max_tokens, page_size)

@@ -14,10 +14,10 @@ import heapq
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from walkforge.artifacts.manifest import Manifest
 from walkforge.errors import WalkforgeError
 from walkforge.plugins.constants import FP8_MAX, PAGE_SIZE, kv_pages
 
@@ -99,10 +99,11 @@ class KVPagePool:
         return table
 
 
-def kv_scales(manifest: Mapping[str, Any], layers: int) -> np.ndarray:
+def kv_scales(manifest: Manifest, layers: int) -> np.ndarray:
     """float32 [layers, 2]: the bundle's calibrated K/V scale per layer, ones where it has none."""
-    scales = (manifest.get("kv_cache") or {}).get("scales")
-    return np.ones((layers, 2), np.float32) if scales is None else np.asarray(scales, np.float32)
+    if manifest.kv_cache is None or manifest.kv_cache.scales is None:
+        return np.ones((layers, 2), np.float32)
+    return np.asarray(manifest.kv_cache.scales, np.float32)
 
 
 def encode_pool(pool: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -33,18 +33,19 @@ class Runner:
 
     def __init__(self, bundle: Bundle, backend: str = "cpu", threads: int | None = None,
                  spinning: bool = True, kv_pages: int | None = None, prepack: bool = True) -> None:
-        self.bundle, self.manifest = bundle, bundle.manifest
+        self.bundle, self.manifest = bundle, bundle.manifest  # manifest: JSON; bundle.typed: its types
+        typed = bundle.typed
         #: the concrete backend (what `auto` picked) and why it was chosen
-        self.backend, self.backend_reason = backends.resolve(backend, bundle.manifest)
+        self.backend, self.backend_reason = backends.resolve(backend, bundle.typed)
         log.info("backend %s: %s", self.backend, self.backend_reason)
         impl = backends.get(self.backend)
         self.engines = impl.load(bundle, backends.Options(threads, spinning, prepack=prepack))
         paging = None
-        if pool_writer(self.manifest) is not None:
-            paging = Paging(self.manifest, self.engines, impl.allocate_pool, kv_pages)
+        if pool_writer(typed) is not None:
+            paging = Paging(typed, self.engines, impl.allocate_pool, kv_pages)
         elif kv_pages is not None:
             raise WalkforgeError(f"kv_pages: this {bundle.recipe} bundle has no KV page pool")
-        self.chain = Chain(self.engines, self.manifest["plan"], paging)
+        self.chain = Chain(self.engines, typed.plan, paging)
 
     @property
     def paging(self) -> Paging | None:

@@ -1,4 +1,4 @@
-"""Serving: a compiled policy bundle behind openpi's websocket protocol (DESIGN.md, "serving/").
+"""Serving: a compiled policy bundle behind openpi's websocket protocol (docs/design.md, "Layers").
 
 - protocol: openpi's msgpack-numpy codec (byte-for-byte openpi-client's).
 - observations: what the server checks before a request joins a batch; `--obs-map` files.

@@ -47,8 +47,8 @@ def metadata(info: dict[str, Any], spec: dict[str, Any], options: ServeOptions,
 
 
 def describe(policy: Any) -> dict[str, Any]:
-    return {"recipe": policy.manifest["recipe"], "variant": policy.manifest.get("variant"),
-            "backend": policy.backend}
+    manifest = policy.bundle.typed
+    return {"recipe": manifest.recipe, "variant": manifest.variant, "backend": policy.backend}
 
 
 def load_local(bundle: Path, options: ServeOptions, policy: Any = None) -> Loaded:
@@ -60,7 +60,7 @@ def load_local(bundle: Path, options: ServeOptions, policy: Any = None) -> Loade
                                 kv_pages=options.kv_pages)
     if not hasattr(policy, "predict_action_chunks"):
         raise WalkforgeError(f"walkforge serve takes a policy bundle (pi0, pi05); {bundle} is a "
-                             f"{policy.manifest['recipe']} bundle")
+                             f"{policy.bundle.recipe} bundle")
     spec = policy.observation_spec()
     obs_map = load_obs_map(options.obs_map, spec)
     batcher = MicroBatcher(policy, options.max_batch, options.batch_wait_ms, options.max_queue,

@@ -2,10 +2,10 @@
 
 The policy's processor checks everything about one observation (runtimes/processors/); the server
 checks first what must never reach a batch or what the processor allows but a server must not:
-the frame is a map of string keys, keys are mapped (`--obs-map`), every camera the bundle reads is
-present (a robot without one compiles that camera as empty), `noise` is split off, and no number
-is NaN or inf. A request the policy then refuses is answered alone (batcher.py), so a bad request
-never costs another one its answer.
+the frame is a map of string keys, keys are mapped (`--obs-map`), at least one camera the bundle
+reads is present (a missing one is masked, as LeRobot and `predict_action_chunk` mask it), `noise`
+is split off, and no number is NaN or inf. A request the policy then refuses is answered alone
+(batcher.py), so a bad request never costs another one its answer.
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ def split_request(message: Any, spec: Mapping[str, Any], obs_map: Mapping[str, s
         if name in observation:
             raise WalkforgeError(f"observation gives '{name}' twice (as '{key}' too)")
         observation[name] = value
-    missing = [c for c in spec["cameras"] if c not in observation]
-    if missing:
-        raise WalkforgeError(f"observation lacks camera '{missing[0]}'; this policy reads "
-                             f"{', '.join(spec['cameras'])}")
+    if not any(c in observation for c in spec["cameras"]):  # a missing one is masked, as in LeRobot
+        raise WalkforgeError(f"observation has none of this policy's cameras ({', '.join(spec['cameras'])}): "
+                             "give at least one")
     for name, value in observation.items():
         _check_value(name, value)
     noise = observation.pop(NOISE, None)

@@ -122,7 +122,7 @@ def bench(bundle_path: Path, backends: tuple[str, ...] = ("cpu", "torch", "torch
     """Measure each backend in its own process, the processes taking turns: all load and warm
     up one after another, then every round runs each backend once, in order, with the others
     idle (`SETTLE_S` apart, so no thread pool still spins). A host whose speed drifts (shared
-    cloud cores drifted ±20 % between identical runs minutes apart) then slows every backend
+    cloud cores do, between identical runs minutes apart) then slows every backend
     alike instead of whichever ran last; the backends' processes are resident together. Ratios
     are relative to each reference that ran (`ratio_vs_torch`, `ratio_vs_torch_bf16`). `digest`
     pins the bundle (refused if its digest differs). `inputs` is an npz of the front's inputs

@@ -118,18 +118,22 @@ class Report:
 
 
 def regress(recipes: Sequence[str] | None = None, goldens_dir: Path = GOLDENS, update: bool = False,
-            workdir: Path | None = None, progress: Progress | None = None) -> Report:
+            workdir: Path | None = None, progress: Progress | None = None, *,
+            precisions: Sequence[str] | None = None) -> Report:
     """Compile and measure each recipe's tiny variant per precision; judge it against its golden.
 
     `update=True` writes the goldens instead and records the old → new diff as the checks.
     Bundles go to `workdir/<recipe>-tiny-<precision>` (kept) or to a temporary directory.
+    `precisions` keeps only those of each recipe's precisions (default: all of them).
     """
     names = [name.strip() for name in recipes or RECIPES]
-    precisions = {name: get_recipe(name).precisions for name in names}
+    wanted = {name: get_recipe(name).precisions for name in names}
+    if precisions is not None:
+        wanted = {name: tuple(p for p in declared if p in precisions) for name, declared in wanted.items()}
     with tempfile.TemporaryDirectory(prefix="walkforge-regress-") as tmp:
         base = Path(workdir) if workdir is not None else Path(tmp)
         results = [_one(name, precision, Path(goldens_dir), update, base, progress)
-                   for name in names for precision in precisions[name]]
+                   for name in names for precision in wanted[name]]
     return Report(results, update)
 
 
@@ -159,8 +163,9 @@ def _one(recipe: str, precision: str, goldens_dir: Path, update: bool, base: Pat
 
 def measure(recipe: str, precision: str, out: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Compile `recipe`'s tiny variant at `precision` into `out` and return its golden record."""
-    manifest = compile_bundle(_request(recipe, precision, out), progress)
+    compile_bundle(_request(recipe, precision, out), progress)
     bundle = Bundle.open(out)
+    manifest = bundle.typed
     dims = get_recipe(recipe).input_dims
     torch.manual_seed(INPUT_SEED)
     np.random.seed(INPUT_SEED)
@@ -174,9 +179,9 @@ def measure(recipe: str, precision: str, out: Path, progress: Progress | None = 
         "outputs": {k: output_stats(to_numpy(v)) for k, v in sorted(outputs.items())},
         "accuracy": {part: {k: _agreement(a) for k, a in accuracy[part].items()}
                      for part in ("walks", "end_to_end")},
-        "ops": {walk: dict(sorted(w["ops"].items())) for walk, w in manifest["walks"].items()},
-        "bundle_bytes": sum(f["size"] for f in manifest["files"].values()),
-        "weights_fingerprint": manifest["weights"]["fingerprint"],
+        "ops": {walk: dict(sorted(w.ops.items())) for walk, w in manifest.walks.items()},
+        "bundle_bytes": sum(f.size for f in manifest.files.values()),
+        "weights_fingerprint": manifest.weights.fingerprint,
         "versions": _versions(),
     }
 

@@ -18,6 +18,21 @@ def shape(spec: dict[str, Any]) -> str:
     return escape(f"{spec['name']} [{', '.join(map(str, spec['shape']))}] {spec['dtype']}")
 
 
+def show_policy(console: Console, policy: dict[str, Any]) -> None:
+    """The robot side: where the processing came from and which LeRobot release it follows."""
+    cams = ", ".join(c["key"] + (" (empty)" if c["empty"] else "") for c in policy["cameras"])
+    console.print(escape(f"policy: {policy['type']}, cameras {cams}; state {policy['state']['dim']}, "
+                         f"action {policy['action']['dim']}, chunk {policy['chunk_size']}"))
+    if release := policy.get("lerobot"):
+        console.print(escape(f"  LeRobot {release['release']} semantics ({release['how']})"))
+    if "processors" in policy and policy["processors"] is None:
+        console.print("  [yellow]no processors[/yellow] (a model-only folder): infer() only; recompile "
+                      "with --processors DIR for predict_action_chunk / select_action / serve")
+    if relative := policy.get("relative_actions"):
+        dims = [i for i, on in enumerate(relative["mask"]) if on]
+        console.print(escape(f"  relative actions: the state is added back on action dims {dims}"))
+
+
 def show_manifest(console: Console, m: dict[str, Any]) -> None:
     w = m["weights"]
     console.print(f"[bold]{m['recipe']}[/bold] variant={m.get('variant')}  format v{m['format_version']}  "
@@ -46,6 +61,8 @@ def show_manifest(console: Console, m: dict[str, Any]) -> None:
         isas = ", ".join(sorted({k["ptx_isa"] for k in kernels}))
         console.print(f"AOT kernels: {len(kernels)} for {archs} (Triton {kernels[0]['triton_version']}, "
                       f"PTX ISA {isas})")
+    if policy := m.get("policy"):
+        show_policy(console, policy)
     console.print(escape(f"plan: {json.dumps(m['plan'])}"))
     table = Table("walk", "inputs", "outputs", "nodes", "size")
     for name, walk in m["walks"].items():

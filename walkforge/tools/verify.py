@@ -69,6 +69,6 @@ def integrity(root: Any, digest: str | None = None) -> dict[str, Any]:
     """Re-hash every file of the bundle at `root` against its manifest, stamps ignored (and
     renewed): what `walkforge verify --integrity` reports. Raises on the first bad file."""
     bundle = Bundle.open(root, digest=digest, integrity=True)
-    files = bundle.manifest["files"]
+    files = bundle.typed.files
     return {"bundle": str(bundle.root), "digest": bundle.digest, "kind": bundle.kind,
-            "files": bundle.hashed, "bytes": sum(f["size"] for f in files.values()), "ok": True}
+            "files": bundle.hashed, "bytes": sum(f.size for f in files.values()), "ok": True}

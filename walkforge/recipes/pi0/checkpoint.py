@@ -157,26 +157,30 @@ def _infer_gemma(t: Mapping[str, torch.Tensor], block: str, vocab: int, given: M
 
 def lerobot_weights(folder: Path, kind: str) -> dict[str, torch.Tensor]:
     """model.safetensors (or its shards) and nothing else: the processor stats files beside it
-    are not weights. Keys get LeRobot's `model.` prefix where saved without it; the VLM's
-    `embed_tokens`, when saved only as the `lm_head` it is tied to, is taken from there."""
+    are not weights. Keys get LeRobot's `model.` prefix where saved without it."""
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in read_weights(folder, "model").items():
         full = key if key.startswith("model.") else "model." + key
         if full in tensors:
             raise WalkforgeError(f"{folder}: '{key}' is saved both with and without the 'model.' prefix")
         tensors[full] = tensor
-    if LLM + "embed_tokens.weight" not in tensors and PG + "paligemma.lm_head.weight" in tensors:
-        tensors[LLM + "embed_tokens.weight"] = tensors[PG + "paligemma.lm_head.weight"]
     if not any(k.startswith(PG) for k in tensors):
         raise WalkforgeError(f"{folder}/model.safetensors has no '{PG}*' tensors: not a LeRobot {kind} model")
     return tensors
 
 
-def read_folder(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, tensors) of a LeRobot policy folder; `kind` (pi0, pi05) names it in errors."""
+def read_folder(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], frozenset[str]]:
+    """(config.json, tensors, the tensor names as saved) of a LeRobot policy folder; `kind` (pi0,
+    pi05) names it in errors. The VLM's `embed_tokens`, when saved only as the `lm_head` it is
+    tied to (LeRobot 0.4.x), is taken from there; when both are saved (≥ 0.5, and they may differ
+    after training) the model runs on `embed_tokens`, as LeRobot does."""
     folder = Path(folder)
     meta = read_json_object(folder / "config.json", f"a LeRobot {kind} folder")
-    return meta, lerobot_weights(folder, kind)
+    tensors = lerobot_weights(folder, kind)
+    saved = frozenset(tensors)
+    if LLM + "embed_tokens.weight" not in tensors and PG + "paligemma.lm_head.weight" in tensors:
+        tensors[LLM + "embed_tokens.weight"] = tensors[PG + "paligemma.lm_head.weight"]
+    return meta, tensors, saved
 
 
 def lerobot_config(cls: type, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -202,20 +206,22 @@ def lerobot_config(cls: type, meta: Mapping[str, Any], tensors: Mapping[str, tor
     return from_dict(cls, data)
 
 
-def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None) -> CheckpointRead:
+def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None, *,
+                    lerobot_version: str | None = None, processors: Path | None = None) -> CheckpointRead:
     """Read a LeRobot pi0 folder → (config, tensors) with the manifest's "policy" entry and its
-    stats file (recipes/lerobot.py).
+    stats file (recipes/lerobot.py; `lerobot_version` and `processors` as `lerobot_policy` takes them).
 
     Sizes come from config.json's variants where the tensors have them, else from tensor shapes;
     horizon, prompt length, steps and cameras from config.json; `overrides` (the `--config`
     JSON) are applied before any size is inferred, and win.
     """
-    meta, tensors = read_folder(folder, "pi0")
+    meta, tensors, saved = read_folder(folder, "pi0")
     if meta.get("type", "pi0") != "pi0":
         raise WalkforgeError(f"{folder}: a LeRobot '{meta['type']}' folder, not pi0 (compile it with the "
                              f"{meta['type']} recipe)")
     cfg = lerobot_config(Pi0Config, meta, tensors, overrides or {}, VARIANTS.values(), 48,
                          action_dim=shape(tensors, "model.action_in_proj.weight")[1],
                          state_dim=shape(tensors, "model.state_proj.weight")[1])
-    policy, files = lerobot_policy(Path(folder), meta, cfg, "pi0")
+    policy, files = lerobot_policy(Path(folder), meta, cfg, "pi0", weight_keys=saved,
+                                   lerobot_version=lerobot_version, processors=processors)
     return CheckpointRead(cfg, tensors, {"policy": policy}, files)

@@ -33,7 +33,8 @@ KEY_MAP = KeyMap(
 )
 
 
-def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None) -> CheckpointRead:
+def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None, *,
+                    lerobot_version: str | None = None, processors: Path | None = None) -> CheckpointRead:
     """Read a LeRobot pi05 folder → (config, tensors) with the manifest's "policy" entry and its
     stats file (recipes/lerobot.py).
 
@@ -41,12 +42,13 @@ def read_checkpoint(folder: Path, overrides: Mapping[str, Any] | None = None) ->
     from config.json; `overrides` (the `--config` JSON) are applied before any size is inferred,
     and win.
     """
-    meta, tensors = read_folder(folder, "pi05")
+    meta, tensors, saved = read_folder(folder, "pi05")
     if meta.get("type", "pi05") != "pi05" or "model.state_proj.weight" in tensors:
         raise WalkforgeError(f"{folder}: a LeRobot '{meta.get('type', 'pi0')}' folder, not pi05 "
                              "(compile it with the pi0 recipe)")
     shape(tensors, EXP + "norm.dense.weight", "pi05")  # adaRMS expert: pi0.5's, not pi0's
     cfg = lerobot_config(Pi05Config, meta, tensors, overrides or {}, VARIANTS.values(), 200,
                          action_dim=shape(tensors, "model.action_in_proj.weight", "pi05")[1])
-    policy, files = lerobot_policy(Path(folder), meta, cfg, "pi05")
+    policy, files = lerobot_policy(Path(folder), meta, cfg, "pi05", weight_keys=saved,
+                                   lerobot_version=lerobot_version, processors=processors)
     return CheckpointRead(cfg, tensors, {"policy": policy}, files)

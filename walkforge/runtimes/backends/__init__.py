@@ -7,12 +7,12 @@
     torch       the recipe's torch modules on CPU in fp32: the reference (never chosen by auto)
     torch-bf16  the same under CPU bf16 autocast: what a torch user on an AMX CPU runs (never auto)
 
-Each backend is one package exporting `NAME`, `AUTO` (whether `auto` may pick it), `probe()`
-(what this machine lacks, "" when it can run; builds nothing: no TensorRT object, no onnxruntime
-session, no CUDA initialisation on a machine whose torch has no CUDA build), `has_target(manifest)`
-(what the bundle lacks for it, ""), `load(bundle, options) -> {walk: Engine}` and
-`allocate_pool(spec)` (the page pool, where its engines read it). A new backend is one package
-plus one line in REGISTRY.
+Each backend is one package whose module-level names satisfy the `Backend` Protocol (base.py):
+`NAME`, `AUTO` (whether `auto` may pick it), `probe()` (what this machine lacks, "" when it can
+run; builds nothing), `has_target(manifest)` (what the bundle lacks for it, ""),
+`load(bundle, options) -> {walk: Engine}` and `allocate_pool(spec)` (the page pool, where its
+engines read it). `get` checks a backend against it on import. A new backend is one package plus
+one line in REGISTRY.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import importlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
+from walkforge.artifacts.manifest import Manifest, as_manifest
 from walkforge.errors import WalkforgeError
+from walkforge.runtimes.backends.base import Backend, missing_members
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,15 @@ class Options:
     prepack: bool = True
 
 
-def get(name: str) -> ModuleType:
-    """The backend package `name` (imported on first use)."""
+def get(name: str) -> Backend:
+    """The backend package `name` (imported on first use), checked against the `Backend` Protocol."""
     if name not in REGISTRY:
         raise WalkforgeError(f"unknown backend '{name}'; choose one of {', '.join(CHOICES)}")
-    return importlib.import_module(REGISTRY[name])
+    module = importlib.import_module(REGISTRY[name])
+    if not isinstance(module, Backend):  # a bug in walkforge, not the user's: keep the traceback
+        raise TypeError(f"backend '{name}' ({module.__name__}) is not a Backend: "
+                        f"it lacks {missing_members(module)}")
+    return module
 
 
 def probe(name: str) -> tuple[bool, str]:
@@ -70,10 +75,10 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if probe(name)[0]]
 
 
-def resolve(name: str, manifest: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def resolve(name: str, manifest: Manifest | Mapping[str, Any] | None = None) -> tuple[str, str]:
     """(backend, reason). `auto` takes the first backend of REGISTRY that may be auto-chosen, runs
-    here and (given a bundle `manifest`) has a target in the bundle; an explicit name is checked
-    and raises a one-line WalkforgeError when this machine lacks what it needs."""
+    here and (given a bundle `manifest`, typed or as JSON) has a target in the bundle; an explicit
+    name is checked and raises a one-line WalkforgeError when this machine lacks what it needs."""
     if name != "auto":
         ok, reason = probe(name)
         if not ok:
@@ -85,7 +90,7 @@ def resolve(name: str, manifest: Mapping[str, Any] | None = None) -> tuple[str, 
             continue
         ok, reason = probe(candidate)
         if ok and manifest is not None:
-            missing = get(candidate).has_target(manifest)
+            missing = get(candidate).has_target(as_manifest(manifest))
             ok, reason = not missing, missing
         if ok:
             why = f"auto chose {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")

@@ -8,8 +8,6 @@ never imports a recipe to choose one. A new front is one module plus one line he
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
-from typing import Any
 
 from walkforge.errors import WalkforgeError
 
@@ -21,8 +19,8 @@ FRONTS = {
 }
 
 
-def front_class(manifest: Mapping[str, Any]) -> type:
-    name = manifest.get("front", manifest.get("recipe"))
+def front_class(name: str) -> type:
+    """The class of the front the manifest's `front` names."""
     if name not in FRONTS:
         raise WalkforgeError(f"bundle front '{name}' is not in this walkforge; known: {', '.join(FRONTS)}")
     module, cls = FRONTS[name].split(":")

@@ -225,8 +225,8 @@ class BagelGenerator(Runner):
 
     def tokenize(self, prompt: str) -> list[int]:
         """The bundled Qwen2 tokenizer's ids of `prompt`, raw (no chat template, no special tokens)."""
-        entry = self.manifest.get("tokenizer")
-        if not entry:
+        entry = self.bundle.typed.tokenizer
+        if entry is None:
             raise WalkforgeError(
                 "this bundle has no tokenizer (compile from a checkpoint folder with "
                 "tokenizer.json): pass prompt_ids"
@@ -234,7 +234,7 @@ class BagelGenerator(Runner):
         from tokenizers import Tokenizer
 
         return (
-            Tokenizer.from_file(str(self.bundle.path(entry["file"])))
+            Tokenizer.from_file(str(self.bundle.path(entry.file)))
             .encode(prompt, add_special_tokens=False)
             .ids
         )

@@ -44,10 +44,11 @@ class Pi0Policy(Runner):
     @cached_property
     def processor(self) -> PolicyProcessor:
         """LeRobot's processing of this bundle (its "policy" manifest entry and files)."""
-        if "policy" not in self.manifest:
+        policy = self.bundle.typed.policy
+        if policy is None:
             raise WalkforgeError("this bundle has no policy entry (compiled before walkforge read LeRobot "
                                  "folders): recompile it, or call infer() with walk inputs")
-        return PolicyProcessor(self.manifest["policy"], self.bundle.path)
+        return PolicyProcessor(policy.to_json(), self.bundle.path)
 
     def observation_spec(self) -> dict[str, Any]:
         """What an observation holds: camera keys (and the empty ones, never read), image
@@ -60,10 +61,11 @@ class Pi0Policy(Runner):
         (B, chunk_size, action_dim) for a batched one. `noise`: the flow's start,
         (chunk_size, max_action_dim) or (B, chunk_size, max_action_dim); seeded when absent.
         `num_steps`: Euler steps (default: the compiled config's)."""
-        feeds, batched = self.processor.preprocess(observation)
-        noise = self.processor.noise(noise, len(feeds["images"]), batched)
-        actions = self.processor.postprocess(self.infer(**feeds, noise=noise, num_steps=num_steps))
-        return actions if batched else actions[0]
+        prepared = self.processor.prepare(observation)
+        noise = self.processor.noise(noise, len(prepared.state), prepared.batched)
+        chunk = self.infer(**prepared.feeds, noise=noise, num_steps=num_steps)
+        actions = self.processor.postprocess(chunk, prepared.state)
+        return actions if prepared.batched else actions[0]
 
     def predict_action_chunks(self, observations: Sequence[Mapping[str, Any]],
                               noises: Sequence[Any] | None = None) -> list[np.ndarray]:
@@ -74,24 +76,31 @@ class Pi0Policy(Runner):
         noises = list(noises) if noises is not None else [None] * len(observations)
         if len(noises) != len(observations):
             raise WalkforgeError(f"{len(noises)} noises for {len(observations)} observations")
-        parts, starts = [], []
+        parts, states, starts = [], [], []
         for observation, noise in zip(observations, noises, strict=True):
-            feeds, batched = self.processor.preprocess(observation)
-            if batched:
+            prepared = self.processor.prepare(observation)
+            if prepared.batched:
                 raise WalkforgeError("predict_action_chunks takes unbatched observations")
-            parts.append(feeds)
+            parts.append(prepared.feeds)
+            states.append(prepared.state)
             starts.append(self.processor.noise(noise, 1, False))
         chunk = self.infer(**stack_feeds(parts), noise=np.concatenate(starts))
-        return list(self.processor.postprocess(chunk))
+        return list(self.processor.postprocess(chunk, np.concatenate(states)))
 
     def select_action(self, observation: Mapping[str, Any], noise: Any = None) -> np.ndarray:
         """The next action (action_dim,) (batched: (B, action_dim)), LeRobot's way: when the
-        queue is empty, predict a chunk and queue its first n_action_steps actions."""
+        queue is empty, predict a chunk and queue its first n_action_steps actions in model space;
+        each call post-processes the one it returns with its own observation's state (relative
+        actions add the state of the call, as LeRobot's postprocessor does)."""
         if not self._queue:
-            chunk = self.predict_action_chunk(observation, noise)
-            steps = int(self.manifest["policy"]["n_action_steps"])
-            self._queue.extend(np.moveaxis(chunk[..., :steps, :], -2, 0))
-        return self._queue.popleft()
+            prepared = self.processor.prepare(observation)
+            noise = self.processor.noise(noise, len(prepared.state), prepared.batched)
+            chunk = self.infer(**prepared.feeds, noise=noise)
+            steps = int(self.processor.policy.n_action_steps)
+            self._queue.extend(np.moveaxis(chunk[:, :steps], 1, 0))
+        state, batched = self.processor.state(observation)
+        action = self.processor.postprocess(self._queue.popleft()[:, None], state)[:, 0]
+        return action if batched else action[0]
 
     def reset(self) -> None:
         """Empty the action queue (call at the start of an episode)."""

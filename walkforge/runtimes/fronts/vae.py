@@ -33,7 +33,7 @@ class VaeDecoder(Runner):
     @property
     def scaling(self) -> dict[str, Any]:
         """scaling_factor, shift_factor, latents_mean/std, force_upcast, sample_size (config.json's)."""
-        return {**DEFAULT_SCALING, **self.manifest.get("vae", {})}
+        return {**DEFAULT_SCALING, **(self.manifest.get("vae") or {})}
 
     @property
     def upscale(self) -> int:

@@ -1,7 +1,7 @@
 """Processors: raw robot observations → walk inputs, walk outputs → robot actions (numpy only).
 
-LeRobot's pre/post-processing of pi0 and pi0.5, step by step (MODEL_FACTS.md, "LeRobot policy
-folders and processing"), read from the bundle's "policy" manifest entry and its files:
+LeRobot's pre/post-processing of pi0 and pi0.5, step by step (docs/model_facts.md,
+"LeRobot policy folders and processing"), read from the bundle's "policy" manifest entry and its files:
 
     images.py     uint8/float, HWC/CHW, any size → float [0, 1] CHW, resized with black padding
     state.py      MEAN_STD / MIN_MAX / QUANTILES / IDENTITY, zero padding, pi0.5's state bins

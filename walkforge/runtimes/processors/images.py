@@ -1,9 +1,9 @@
 """Camera frames → the vision walk's images: float in [0, 1], CHW, resized with padding.
 
-What LeRobot's preprocessor and policy do to a frame (MODEL_FACTS.md, "LeRobot policy folders and
-processing"), with the fixed padding (black, as openpi and LeRobot ≥ 0.5 pad). The [0, 1] → [−1, 1]
-map is NOT applied here: the vision walk applies it (recipes/pi0 `embed_images`), so a padded or
-absent pixel is 0 here and −1 inside the walk.
+What LeRobot's preprocessor and policy do to a frame (docs/model_facts.md, "LeRobot policy
+folders and processing"), with the fixed padding (black, as openpi and LeRobot ≥ 0.5 pad). The
+[0, 1] → [−1, 1] map is NOT applied here: the vision walk applies it (recipes/pi0 `embed_images`),
+so a padded or absent pixel is 0 here and −1 inside the walk.
 """
 
 from __future__ import annotations

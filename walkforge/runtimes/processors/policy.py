@@ -9,12 +9,14 @@ unbatched, or with a leading batch dim and a list of tasks.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from walkforge.artifacts.manifest import Policy
 from walkforge.errors import WalkforgeError, did_you_mean
 from walkforge.runtimes.processors.images import camera_image
 from walkforge.runtimes.processors.prompts import pi0_prompt, pi05_prompt, tokenize
@@ -28,10 +30,12 @@ NOISE_SEED = 0  # start noise when none is given: the same draw for every reques
 class PolicyProcessor:
     """LeRobot's pre- and post-processing of one bundle's policy entry (numpy only).
 
-    `path(rel)` resolves a bundle-relative file (Bundle.path)."""
+    `path(rel)` resolves a bundle-relative file (Bundle.path); `entry` is the manifest's policy
+    entry as JSON (`policy` types it: artifacts/manifest.py)."""
 
     def __init__(self, entry: Mapping[str, Any], path: Callable[[str], Path]) -> None:
         self.entry, self._path = entry, path
+        self.policy = Policy.from_json(entry, "policy")
         self.kind = entry["type"]
         self.cameras = [c["key"] for c in entry["cameras"]]
         self.empty = {c["key"] for c in entry["cameras"] if c["empty"]}
@@ -59,6 +63,7 @@ class PolicyProcessor:
 
     def spec(self) -> dict[str, Any]:
         """What an observation holds (openpi metadata, server-side validation)."""
+        self.require_processors()
         e = self.entry
         return {
             "type": self.kind,
@@ -75,24 +80,40 @@ class PolicyProcessor:
 
     # --- observation → walk inputs -------------------------------------------------------------
 
-    def preprocess(self, observation: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
-        """Walk inputs (images, image_masks, prompt_ids, prompt_mask, and pi0's state) and whether
-        the observation was batched."""
+    def prepare(self, observation: Mapping[str, Any]) -> Prepared:
+        """The walk inputs (images, image_masks, prompt_ids, prompt_mask, and pi0's state), whether
+        the observation was batched, and its raw state (for relative actions)."""
+        self.require_processors()
         self._check_keys(observation)
-        state, batched = self._state(observation)
-        tasks = self._tasks(observation, len(state), batched)
-        images, masks = self._images(observation, len(state), batched)
-        state = pad_to(normalize(state, self._mode("STATE"), self.stats, self.state_key),
+        raw, batched = self.state(observation)
+        tasks = self._tasks(observation, len(raw), batched)
+        images, masks = self._images(observation, len(raw), batched)
+        state = pad_to(normalize(raw, self._mode("STATE"), self.stats, self.state_key),
                        int(self.entry["max_state_dim"]))
         feeds = {"images": images, "image_masks": masks}
         if self.kind == "pi05":
-            prompts = [pi05_prompt(t, state_bins(s)) for t, s in zip(tasks, state, strict=True)]
+            dims = int(self.policy.state_dims_in_prompt)
+            prompts = [pi05_prompt(t, state_bins(s[:dims])) for t, s in zip(tasks, state, strict=True)]
         else:
             prompts = [pi0_prompt(t) for t in tasks]
             feeds["state"] = state
         feeds["prompt_ids"], feeds["prompt_mask"] = tokenize(
             prompts, self.tokenizer.encode, self.tokenizer.bos_id, int(self.entry["tokenizer_max_length"]))
-        return feeds, batched
+        return Prepared(feeds, batched, raw)
+
+    def preprocess(self, observation: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+        """`prepare`'s walk inputs and whether the observation was batched."""
+        prepared = self.prepare(observation)
+        return prepared.feeds, prepared.batched
+
+    def require_processors(self) -> None:
+        """A bundle compiled from a model-only folder has no LeRobot processing to run."""
+        if not self.policy.has_processors:
+            raise WalkforgeError("this bundle was compiled from a model-only folder (no "
+                                 "policy_preprocessor.json / policy_postprocessor.json and their stats "
+                                 "files): recompile with "
+                                 "--processors DIR (a folder holding both JSONs and their stats files, e.g. "
+                                 "the training run's checkpoint), or call infer() with walk inputs")
 
     def _mode(self, feature_type: str) -> str:
         return self.entry["normalization"].get(feature_type, "IDENTITY")
@@ -105,7 +126,7 @@ class PolicyProcessor:
                                      "this policy takes "
                                      f"{', '.join(k for k in known if k not in self.empty)}")
 
-    def _state(self, observation: Mapping[str, Any]) -> tuple[np.ndarray, bool]:
+    def state(self, observation: Mapping[str, Any]) -> tuple[np.ndarray, bool]:
         """The state as (B, S) float32 and whether it came batched ((S,) → B = 1)."""
         if self.state_key not in observation:
             raise WalkforgeError(f"observation lacks '{self.state_key}' ({self.state_dim} values)")
@@ -150,6 +171,10 @@ class PolicyProcessor:
             for b in range(batch):
                 images[b, v] = camera_image(frames[b], self.resolution, key)
             masks[:, v] = True
+        if not masks.any():
+            readable = [c for c in self.cameras if c not in self.empty]
+            raise WalkforgeError(f"observation has none of this policy's cameras ({', '.join(readable)}): "
+                                 "give at least one (a missing one is masked, as LeRobot does)")
         return images, masks
 
     # --- noise in, actions out -----------------------------------------------------------------
@@ -171,10 +196,32 @@ class PolicyProcessor:
             raise WalkforgeError("noise: has NaN or inf values")
         return noise if batched else noise[None]
 
-    def postprocess(self, chunk: np.ndarray) -> np.ndarray:
-        """(B, chunk_size, max_action_dim) normalised → (B, chunk_size, A) in robot units."""
+    def postprocess(self, chunk: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """(B, chunk_size, max_action_dim) normalised → (B, chunk_size, A) in robot units; with
+        relative actions, the raw `state` (B, S) of the same observations added back on the
+        dims of the entry's mask (LeRobot's absolute_actions_processor)."""
         actions = np.asarray(chunk, dtype=np.float32)[..., :self.action_dim]
-        return unnormalize(actions, self._mode("ACTION"), self.stats, self.action_key)
+        actions = unnormalize(actions, self._mode("ACTION"), self.stats, self.action_key)
+        relative = self.policy.relative_actions
+        if relative:
+            if state is None:
+                raise WalkforgeError("this policy predicts actions relative to the state: give the "
+                                     "observation's state to postprocess")
+            mask = np.asarray(relative.mask, dtype=np.float32)
+            offset = np.asarray(state, dtype=np.float32)[:, :len(mask)] * mask
+            actions = actions.copy()
+            actions[..., :len(mask)] += offset[:, None, :]
+        return actions
+
+
+@dataclass
+class Prepared:
+    """An observation as the walks take it: `feeds`, whether it came `batched`, and its raw
+    state (B, S) in robot units (relative actions add it back)."""
+
+    feeds: dict[str, np.ndarray]
+    batched: bool
+    state: np.ndarray
 
 
 def stack_feeds(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

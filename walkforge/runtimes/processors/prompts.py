@@ -1,17 +1,18 @@
 """Task text → prompt text → token ids: pi0's `task + "\\n"`, pi0.5's prompt carrying the state bins,
 and LeRobot's tokenizer step (BOS first, right-padded with id 0 to the compiled length).
 
-A prompt longer than the compiled length is refused, not truncated: LeRobot truncates, which for
-pi0.5 would silently cut the state off the end of the prompt.
+A prompt longer than the compiled length is truncated to it, as LeRobot's tokenizer step does in
+every release (pi0's trailing newline or pi0.5's state may be cut off): a warning, not an error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from walkforge.errors import WalkforgeError
+log = logging.getLogger(__name__)
 
 PAD_ID = 0  # LeRobot pads prompts with id 0 (Gemma's <pad>) and masks them out
 
@@ -35,14 +36,16 @@ def pi05_prompt(task: str, bins: Sequence[int]) -> str:
 def tokenize(texts: Sequence[str], encode: Callable[[str], list[int]], bos_id: int, max_length: int
              ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids int64 (B, max_length) and mask bool (B, max_length): [BOS, *encode(text)],
-    right-padded with PAD_ID. A prompt that does not fit → one-line error with its length."""
+    right-padded with PAD_ID; a longer prompt is cut to its first `max_length` tokens, as LeRobot's
+    tokenizer step (`truncation=True`) cuts it, with a warning."""
     ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int64)
     mask = np.zeros((len(texts), max_length), dtype=bool)
     for row, text in enumerate(texts):
         tokens = [bos_id, *encode(text)]
         if len(tokens) > max_length:
-            raise WalkforgeError(f"task too long: its prompt is {len(tokens)} tokens (with BOS), the "
-                                 f"bundle was compiled for at most {max_length} (tokenizer_max_length)")
+            log.warning("task too long: its prompt is %d tokens (with BOS), cut to %d "
+                        "(tokenizer_max_length) as LeRobot cuts it", len(tokens), max_length)
+            tokens = tokens[:max_length]
         ids[row, :len(tokens)] = tokens
         mask[row, :len(tokens)] = True
     return ids, mask

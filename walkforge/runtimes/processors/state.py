@@ -1,7 +1,7 @@
 """State and action vectors: LeRobot's normalisation modes, zero padding, pi0.5's state bins.
 
-Formulas (MODEL_FACTS.md, "LeRobot policy folders and processing"), computed in float32 as LeRobot
-does (so pi0.5's bins land on the same side of every edge), no clipping:
+Formulas (docs/model_facts.md, "LeRobot policy folders and processing"), computed in float32 as
+LeRobot does (so pi0.5's bins land on the same side of every edge), no clipping:
   MEAN_STD   y = (x − mean) / (std + 1e-8)          x = y · std + mean
   MIN_MAX    y = 2 (x − min) / (max − min) − 1      x = (y + 1)(max − min) / 2 + min
   QUANTILES  y = 2 (x − q01) / (q99 − q01) − 1      x = (y + 1)(q99 − q01) / 2 + q01

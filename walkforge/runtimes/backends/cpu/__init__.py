@@ -16,16 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from walkforge.artifacts.manifest import Manifest
 from walkforge.errors import WalkforgeError
+from walkforge.graphs.ort import ORT_HINT
 from walkforge.graphs.walk import loop_bodies, numpy_dtype
 from walkforge.runtimes.engine import Contract
 from walkforge.runtimes.kv_pool import PoolSpec
 
 NAME = "cpu"
 AUTO = True
-
-
-ORT_HINT = "pip install 'walkforge[cpu]' (or 'walkforge[cuda]' for onnxruntime-gpu; one of the two)"
 
 
 def probe() -> str:
@@ -37,10 +36,10 @@ BF16_REFUSAL = ("bf16 engines run on cuda/trt (onnxruntime's CPU provider has no
                 "walkforge.graphs.bf16.emulate_bf16 (what the compile's own bf16 check runs)")
 
 
-def has_target(manifest: dict[str, Any]) -> str:
-    if manifest.get("precision", {}).get("weights") == "bf16":
+def has_target(manifest: Manifest) -> str:
+    if manifest.precision.weights == "bf16":
         return BF16_REFUSAL
-    return "" if "cpu" in manifest.get("targets", {}) else "bundle has no ONNX (cpu) target"
+    return "" if "cpu" in manifest.targets else "bundle has no ONNX (cpu) target"
 
 
 def physical_cores() -> int:
@@ -60,20 +59,20 @@ def physical_cores() -> int:
 def load(bundle: Any, options: Any) -> dict[str, Any]:
     from walkforge.runtimes.backends.cpu.engine import OrtEngine
 
-    target = bundle.manifest["targets"].get("cpu")
+    manifest = bundle.typed
+    target = manifest.targets.get("cpu")
     if target is None:
         raise WalkforgeError("bundle has no 'cpu' target")
-    if bundle.manifest.get("precision", {}).get("weights") == "bf16":
+    if manifest.precision.weights == "bf16":
         raise WalkforgeError(BF16_REFUSAL)
-    precision = bundle.manifest.get("precision", {})
-    int8 = precision.get("activations") == "int8"  # fuse its Q/DQ
-    weight_max = precision.get("int8_weight_max", 127)  # absent: an older bundle's full-range weights
+    int8 = manifest.precision.activations == "int8"  # fuse its Q/DQ
+    weight_max = manifest.precision.int8_weight_max or 127  # None unless int8 (upgrade fills old ones)
     threads = options.threads or physical_cores()
-    looped = loop_bodies(bundle.manifest.get("plan", []))  # run again right after themselves
+    looped = loop_bodies(manifest.plan)  # run again right after themselves
     return {name: OrtEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)),
                             threads, options.spinning, fuse_qdq=int8, prepack=options.prepack,
                             int8_weight_max=weight_max, spin_after_run=name in looped)
-            for name, rel in target["walks"].items()}
+            for name, rel in target.walks.items()}
 
 
 def allocate_pool(spec: PoolSpec) -> np.ndarray:

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from walkforge.errors import WalkforgeError
-from walkforge.graphs.ort import session_kwargs, session_options, varying_shapes
+from walkforge.graphs.ort import require_onnxruntime, session_kwargs, session_options, varying_shapes
 from walkforge.runtimes.engine import Contract
 from walkforge.runtimes.values import ort_array
+
+ort = require_onnxruntime()  # walkforge[compile] without [cpu]: one line saying what to install
 
 
 def first_line(exc: BaseException) -> str:

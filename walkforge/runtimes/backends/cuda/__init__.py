@@ -9,11 +9,11 @@ its own streams and arena (its `enable_cuda_graph` option would need every I/O a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from walkforge.artifacts.manifest import Manifest
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import numpy_dtype
 from walkforge.runtimes.backends import _cuda
@@ -33,9 +33,8 @@ def probe() -> str:
     return f"found no CUDA device: {missing}" if missing else ""
 
 
-def has_target(manifest: Mapping[str, Any]) -> str:
-    targets = manifest.get("targets", {})
-    return "" if {"cpu", "cuda"} & set(targets) else "bundle has no ONNX (cpu) target"
+def has_target(manifest: Manifest) -> str:
+    return "" if {"cpu", "cuda"} & set(manifest.targets) else "bundle has no ONNX (cpu) target"
 
 
 def load(bundle: Any, options: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
+from walkforge.artifacts.manifest import Manifest
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import GraphNode
 from walkforge.runtimes.kv_pool import PoolSpec
@@ -23,8 +24,8 @@ def probe() -> str:
     return "" if importlib.util.find_spec("torch") else "needs torch (pip install 'walkforge[compile]')"
 
 
-def has_target(manifest: Mapping[str, Any]) -> str:
-    return "" if manifest.get("weights", {}).get("file") else "bundle has no reference weights"
+def has_target(manifest: Manifest) -> str:
+    return "" if manifest.weights.file else "bundle has no reference weights"
 
 
 class TorchEngine:
@@ -55,9 +56,9 @@ def build_model(bundle: Any, device: str = "cpu", dtype: Any = None) -> tuple[An
 
     require_reference_weights(bundle, f"backend '{NAME}'" if device == "cpu" else "a torch backend")
     recipe = get_recipe(bundle.recipe)
-    cfg = from_dict(recipe.config, bundle.manifest["config"])
+    cfg = from_dict(recipe.config, bundle.typed.config)
     model = recipe.build(cfg)
-    weights = bundle.path(bundle.manifest["weights"]["file"])
+    weights = bundle.path(bundle.typed.weights.file)
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except (SafetensorError, RuntimeError) as exc:  # a damaged file, or tensors that do not fit

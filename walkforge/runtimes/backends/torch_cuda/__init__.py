@@ -17,6 +17,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
+from walkforge.artifacts.manifest import Manifest
 from walkforge.graphs.walk import GraphNode, Sequential, loop_bodies
 from walkforge.runtimes.backends import _cuda
 from walkforge.runtimes.backends.torch import allocate_pool as torch_pool
@@ -36,8 +37,8 @@ def probe() -> str:
     return f"found no CUDA device: {missing}" if missing else ""
 
 
-def has_target(manifest: Mapping[str, Any]) -> str:
-    return "" if manifest.get("weights", {}).get("file") else "bundle has no reference weights"
+def has_target(manifest: Manifest) -> str:
+    return "" if manifest.weights.file else "bundle has no reference weights"
 
 
 class TorchCudaEngine:

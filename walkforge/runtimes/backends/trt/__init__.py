@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import Any
 
+from walkforge.artifacts.manifest import Manifest
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import loop_bodies
 from walkforge.runtimes.backends import _cuda
@@ -47,9 +48,9 @@ def require() -> None:
         raise WalkforgeError(f"backend 'trt' {missing}")
 
 
-def has_target(manifest: Mapping[str, Any]) -> str:
-    targets = manifest.get("targets", {}).values()
-    return "" if any(t.get("backend") == "tensorrt" for t in targets) else "bundle has no TensorRT target"
+def has_target(manifest: Manifest) -> str:
+    targets = manifest.targets.values()
+    return "" if any(t.backend == "tensorrt" for t in targets) else "bundle has no TensorRT target"
 
 
 def _gpu_visible() -> bool:

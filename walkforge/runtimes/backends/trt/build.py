@@ -8,7 +8,7 @@ optimisation profile per walk derived from its TensorSpecs and the manifest (the
 same GPU) and `build.log`. The manifest gains one target entry and is rewritten atomically.
 
 Nothing here touches TensorRT before `probe()` passes: a TensorRT object made on a machine with
-no GPU is dead, and deserialising with it segfaults (TOOLCHAIN.md). The build itself is thin
+no GPU is dead, and deserialising with it segfaults (docs/toolchain.md). The build itself is thin
 Polygraphy loaders.
 """
 

@@ -1,19 +1,22 @@
-"""What the compiler needs of a runtime to run what it compiled: the check, calibration and the
-accuracy gates run the staged bundle's cpu engines. The compiler is handed one (`walkforge.runtimes`
-is one: `walkforge.compile_bundle` passes it) and never imports the runtime itself (DESIGN.md,
-layers: recipe → compiler → artifacts → runtimes).
+"""`Runtime`, the Protocol of what the compiler needs of a runtime to run what it compiled: the
+check, calibration and the accuracy gates run the staged bundle's cpu engines. The compiler is
+handed one (`walkforge.runtimes` is one: `walkforge.compile_bundle` passes it) and never imports
+the runtime itself (docs/design.md, "Layer rules": recipe → compiler → artifacts → runtimes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 
+@runtime_checkable
 class Runtime(Protocol):
+    """What `compile_bundle` is handed as `runtime`; the `walkforge.runtimes` module satisfies it."""
+
     def load(self, bundle: Any, backend: str = "cpu", threads: int | None = None, spinning: bool = True,
              **options: Any) -> Any:
         """The bundle's front on `backend` (with `.run(feeds)`, `.engines`, `.chain.observer`)."""
