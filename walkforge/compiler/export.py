@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import tempfile
 import warnings
@@ -81,8 +82,6 @@ def traced_walk(node: GraphNode, path: Path, key: str | None) -> None:
 
 def structure_key(*parts: object) -> str:
     """A trace key from what determines a walk's graph (JSON-able parts)."""
-    import json
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -153,8 +153,9 @@ def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str, *
     action = _feature_dim(meta, "output_features", ACTION_KEY, max_action)
     if found:
         _check_stats(normalization, stats, {"STATE": (STATE_KEY, state), "ACTION": (ACTION_KEY, action)})
+    shapes = {k: tuple(v.shape) for k, v in stats.items()}  # a stat both files hold: as the preprocessor's
     facts = FolderFacts(meta, frozenset(s.get("registry_name") for ss in found.values() for s in ss),
-                        stat_shapes(source, found), weight_keys)
+                        shapes, weight_keys)
     release = decide(facts, lerobot_version)
     entry = {
         "type": kind, "cameras": cameras, "image_resolution": resolution,
@@ -215,17 +216,6 @@ def relative_mask(exclude: list[str], names: list[str] | None, action_dim: int) 
 
 def _step(processors: Mapping[str, list[dict[str, Any]]], file: str, name: str) -> dict[str, Any] | None:
     return next((s for s in processors.get(file, []) if s.get("registry_name") == name), None)
-
-
-def stat_shapes(folder: Path, processors: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[int, ...]]:
-    """The shapes the preprocessor's stats file stores (its header only)."""
-    from safetensors import safe_open
-
-    for name, step in _normalizer_steps(processors):
-        if name == PROCESSORS[0] and step.get("state_file") and (Path(folder) / step["state_file"]).is_file():
-            with safe_open(str(Path(folder) / step["state_file"]), "np") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    return {}
 
 
 def _agree(field: str, said: Any, what: str, has: Any) -> None:

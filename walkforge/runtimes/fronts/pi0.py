@@ -28,6 +28,7 @@ import numpy as np
 
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.processors import PolicyProcessor, stack_feeds
+from walkforge.runtimes.processors.policy import Prepared
 from walkforge.runtimes.runner import Runner
 from walkforge.runtimes.values import to_numpy
 
@@ -61,11 +62,16 @@ class Pi0Policy(Runner):
         (B, chunk_size, action_dim) for a batched one. `noise`: the flow's start,
         (chunk_size, max_action_dim) or (B, chunk_size, max_action_dim); seeded when absent.
         `num_steps`: Euler steps (default: the compiled config's)."""
-        prepared = self.processor.prepare(observation)
-        noise = self.processor.noise(noise, len(prepared.state), prepared.batched)
-        chunk = self.infer(**prepared.feeds, noise=noise, num_steps=num_steps)
+        prepared, chunk = self._model_chunk(observation, noise, num_steps)
         actions = self.processor.postprocess(chunk, prepared.state)
         return actions if prepared.batched else actions[0]
+
+    def _model_chunk(self, observation: Mapping[str, Any], noise: Any, num_steps: int | None = None
+                     ) -> tuple[Prepared, np.ndarray]:
+        """The observation as walk inputs and its chunk in model space (B, chunk_size, max_action_dim)."""
+        prepared = self.processor.prepare(observation)
+        noise = self.processor.noise(noise, len(prepared.state), prepared.batched)
+        return prepared, self.infer(**prepared.feeds, noise=noise, num_steps=num_steps)
 
     def predict_action_chunks(self, observations: Sequence[Mapping[str, Any]],
                               noises: Sequence[Any] | None = None) -> list[np.ndarray]:
@@ -93,9 +99,7 @@ class Pi0Policy(Runner):
         each call post-processes the one it returns with its own observation's state (relative
         actions add the state of the call, as LeRobot's postprocessor does)."""
         if not self._queue:
-            prepared = self.processor.prepare(observation)
-            noise = self.processor.noise(noise, len(prepared.state), prepared.batched)
-            chunk = self.infer(**prepared.feeds, noise=noise)
+            _, chunk = self._model_chunk(observation, noise)
             steps = int(self.processor.policy.n_action_steps)
             self._queue.extend(np.moveaxis(chunk[:, :steps], 1, 0))
         state, batched = self.processor.state(observation)
