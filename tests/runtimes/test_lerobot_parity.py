@@ -116,10 +116,11 @@ def test_chunks_equal_lerobots(bundles, case, backend):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_select_action_equals_lerobots(bundles, case):
+def test_select_action_equals_lerobots(bundles, case, backend):
     meta, arrays = reference(case)
-    policy = walkforge.load(bundles(case), backend="cpu")
+    policy = walkforge.load(bundles(case), backend=backend)
     noises = iter(arrays["select.noise"][:, 0])
     steps = json.loads((bundles(case) / "manifest.json").read_text())["policy"]["n_action_steps"]
     for call, state in enumerate(arrays["select.state"]):
