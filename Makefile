@@ -41,6 +41,15 @@ bench: $(STAMP)
 	$(PYTHON) -m walkforge.cli bench build/pi0-small-int8 --backends cpu,torch,torch-bf16 --report reports
 	$(PYTHON) -m walkforge.cli compile pi0 --variant small --precision fp8 -o build/pi0-small-fp8 --force
 	$(PYTHON) -m walkforge.cli verify build/pi0-small-fp8 --report reports
+	$(PYTHON) -m walkforge.cli compile smolvla --variant small -o build/smolvla-small --force
+	$(PYTHON) -m walkforge.cli compile smolvla --variant small --precision int8 -o build/smolvla-small-int8 --force
+	$(PYTHON) -m walkforge.cli inputs build/smolvla-small -o build/smolvla-small-2cam.npz  # both cameras on:
+	$(PYTHON) -c "import numpy as n; f='build/smolvla-small-2cam.npz'; d=dict(n.load(f)); \
+		d['image_masks'][:]=True; n.savez(f, **d)"
+	$(PYTHON) -m walkforge.cli bench build/smolvla-small --backends cpu,torch --inputs build/smolvla-small-2cam.npz \
+		--report reports
+	$(PYTHON) -m walkforge.cli bench build/smolvla-small-int8 --backends cpu,torch \
+		--inputs build/smolvla-small-2cam.npz --report reports  # issue 30: cpu int8 <= 0.35x torch
 	$(PYTHON) -m walkforge.cli compile bagel --variant small -o build/bagel-small --force
 	$(PYTHON) -m walkforge.cli bench build/bagel-small --backends cpu,torch --dim height=256 --dim width=256 \
 		--setting num_timesteps=50 --warmup 0 --iters 2 --report reports  # 256x256, 50 timesteps, CFG

@@ -58,7 +58,8 @@ case "$ver" in
     draccus="draccus>=0.11.6,<0.12"; [ "$ver" = 0.6.0 ] && draccus="draccus==0.10.0"
     "${pip[@]}" "transformers>=5.4,<5.6" "huggingface-hub>=1.6,<2" "tokenizers>=0.22,<=0.23.0" \
       "$draccus" "einops>=0.8,<0.9" termcolor "gymnasium>=1.1.1,<2" "deepdiff>=7,<9" \
-      "opencv-python-headless>=4.9,<4.13"
+      "opencv-python-headless>=4.9,<4.13" \
+      "num2words>=0.5.14,<0.6"  # lerobot[smolvla]'s extra: transformers' SmolVLMProcessor needs it
     ;;
   *) echo "unknown LeRobot version $ver" >&2; exit 2 ;;
 esac

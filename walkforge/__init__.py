@@ -8,7 +8,7 @@ from typing import Any
 
 from walkforge.errors import WalkforgeError
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def load(bundle, backend: str = "cpu", digest: str | None = None, **options):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,10 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 
-from walkforge.artifacts.bundle import manifest_digest
+from walkforge.artifacts.bundle import MANIFEST, enclosing_bundle, manifest_digest
 from walkforge.artifacts.manifest import Manifest
-from walkforge.artifacts.npz import read_npz
+from walkforge.artifacts.npz import NPZ_MAX_BYTES, read_npz
+from walkforge.artifacts.schema import MAX_STEPS
 from walkforge.compiler.request import CompileRequest, Flag
 from walkforge.errors import WalkforgeError
 from walkforge.runtimes.backends import CHOICES as BACKENDS
@@ -32,20 +35,105 @@ stdout = Console()
 err = Console(stderr=True)
 
 
-def _settings(values: tuple[str, ...]) -> dict[str, int]:
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""--threads: at most 4 × this machine's CPUs (onnxruntime crashes on 100000)."""
+MAX_BATCH = 4096
+"""--batch of the example inputs (`inputs`, `verify`, `bench`)."""
+MAX_INPUT_DIM = 4096
+"""--dim NAME=INT: a recipe input size (VAE latents of 4096² decode to 32768² pixels)."""
+INPUTS_MAX_BYTES = NPZ_MAX_BYTES
+"""`inputs` writes at most what `run --inputs` reads (artifacts/npz.py NPZ_MAX_BYTES)."""
+
+
+def _settings(values: tuple[str, ...], flag: str = "--dim", least: int = 1,
+              most: int = MAX_INPUT_DIM) -> dict[str, int]:
+    """NAME=INT pairs of a repeated `flag`, each INT in least..most (a one-line error otherwise)."""
     parsed = {}
     for item in values:
         key, sep, val = item.partition("=")
         if not sep or not val.lstrip("-").isdigit():
-            raise WalkforgeError(f"--dim expects NAME=INT, got '{item}'")
+            raise WalkforgeError(f"{flag} expects NAME=INT, got '{item}'")
+        if not least <= int(val) <= most:
+            raise WalkforgeError(f"{flag} {item}: {key} must be in {least}..{most}")
         parsed[key] = int(val)
     return parsed
 
 
+def _int_range(flag: str, least: int, most: int | None = None) -> Callable:
+    """A click callback refusing, in one line before any work, a value of `flag` outside least..most."""
+    def check(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+        if value is not None and not (least <= value and (most is None or value <= most)):
+            bound = f"≥ {least}" if most is None else f"in {least}..{most}"
+            raise WalkforgeError(f"{flag} must be {bound}, got {value}")
+        return value
+    return check
+
+
 DIGEST = click.option("--digest", help="Refuse BUNDLE unless its digest (sha256 of manifest.json, as "
                       "`walkforge inspect` prints it) is this one: pin the bundle you tested.")
-THREADS = click.option("--threads", type=int,
-                       help="Intra-op threads of every backend (default: all physical cores).")
+THREADS = click.option("--threads", type=int, callback=_int_range("--threads", 1, MAX_THREADS),
+                       help=f"Intra-op threads of every backend, 1..{MAX_THREADS} (4 × the CPUs; "
+                            "default: all physical cores).")
+
+
+def _not_in_bundle(path: Path, flag: str) -> None:
+    """Refuse writing `path` inside a bundle: its files table would no longer match, and every later
+    load would refuse it."""
+    bundle = enclosing_bundle(path)
+    if bundle is not None:
+        raise WalkforgeError(f"{flag} {path} is inside bundle {bundle}, which must hold only the files its "
+                             "manifest lists (writing there breaks every later load): write it elsewhere")
+
+
+def _output_file(path: Path, flag: str = "-o") -> Path:
+    """`path`, refused in one line before any work where writing it at the end would fail or break
+    a bundle: a folder, a path inside a bundle, or one that cannot be written (tried: opened to
+    append, or created and removed again)."""
+    if path.is_dir():
+        raise WalkforgeError(f"{flag} {path} is a folder, not a file to write")
+    _not_in_bundle(path, flag)
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise WalkforgeError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
+    if not existed:
+        with suppress(OSError):
+            path.unlink()
+    return path
+
+
+def _replaceable(out: Path, force: bool) -> None:
+    """Refuse `--force` onto anything but a bundle (or an empty folder): it replaces the whole
+    folder, so a mistyped -o must not take a folder of other files with it."""
+    if not force or not os.path.lexists(out):
+        return
+    if out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir())):
+        return
+    what = "a folder that is not one" if out.is_dir() else "not a folder"
+    raise WalkforgeError(f"--force replaces a bundle, and {out} is {what}; refused (remove it yourself, "
+                         "or write elsewhere)")
+
+
+def _npz_output(path: Path, flag: str = "-o") -> Path:
+    """The file numpy's savez writes for `path` (it adds .npz to a name without it), checked as
+    `_output_file`: the name every message uses."""
+    return _output_file(path if str(path).endswith(".npz") else Path(f"{path}.npz"), flag)
+
+
+def _checked_arrays(arrays: dict[str, np.ndarray], what: str,
+                    text: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """`arrays` read from `what`, refused unless each (but the `text` keys) holds numbers and is not
+    empty: a string array or a 0×0 frame is a one-line error here, not a traceback in a front."""
+    for key, value in arrays.items():
+        if key in text:
+            continue
+        if value.dtype.kind not in "biuf":
+            raise WalkforgeError(f"{what}: '{key}' is {value.dtype} {list(value.shape)}, not numbers")
+        if value.size == 0:
+            raise WalkforgeError(f"{what}: '{key}' has shape {list(value.shape)}: an empty array")
+    return arrays
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +181,8 @@ def compile_cmd(**values: Any) -> None:
     from walkforge.progress import Progress
 
     req = CompileRequest.from_cli(values)
+    _not_in_bundle(Path(req.out), "-o")
+    _replaceable(Path(req.out), req.force)
     manifest = Manifest.from_json(compile_bundle(req, Progress(console=err)))
     size = sum(f.size for f in manifest.files.values())
     err.print(f"[green]wrote[/green] {req.out} ({render.mb(size)}, walks: {', '.join(manifest.walks)})")
@@ -163,16 +253,28 @@ def build_cmd(bundle: Path, target: str, profile: str) -> None:
 
 @cli.command("inputs")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="npz to write.")
-@click.option("--batch", default=1, show_default=True, help="Batch size.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="npz to write (.npz is added to a name without it).")
+@click.option("--batch", default=1, show_default=True, callback=_int_range("--batch", 1, MAX_BATCH),
+              help=f"Batch size, 1..{MAX_BATCH}.")
+@click.option("--seed", default=0, show_default=True, callback=_int_range("--seed", 0),
+              help="Seed of the random inputs (≥ 0).")
+@click.option("--dim", "dims", multiple=True,
+              help=f"Recipe input size, e.g. height=32 (VAE latents), 1..{MAX_INPUT_DIM}.")
 def inputs_cmd(bundle: Path, output: Path, batch: int, seed: int, dims: tuple[str, ...]) -> None:
     """Write example inputs for BUNDLE (valid for `walkforge run`) to an npz."""
     from walkforge.artifacts.bundle import Bundle
     from walkforge.recipes.inputs import example_inputs
 
-    feeds = example_inputs(Bundle.open(bundle), batch=batch, seed=seed, **_settings(dims))
+    sizes = _settings(dims)
+    output = _npz_output(output)
+    opened = Bundle.open(bundle)
+    one = example_inputs(opened, batch=1, seed=seed, **sizes)
+    need = batch * sum(v.nbytes for v in one.values())
+    if need > INPUTS_MAX_BYTES:
+        raise WalkforgeError(f"--batch {batch}: the inputs would take {need} bytes, over the "
+                             f"{INPUTS_MAX_BYTES >> 20} MiB `run --inputs` reads; use a smaller batch")
+    feeds = one if batch == 1 else example_inputs(opened, batch=batch, seed=seed, **sizes)
     np.savez(output, **feeds)
     err.print(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds.items()))
 
@@ -231,15 +333,18 @@ def _given(ctx: click.Context) -> list[str]:
 @click.option("--prompt-ids", help="bagel: the prompt's token ids, comma-separated; writes the generated "
                                    "image to -o (PNG).")
 @click.option("--prompt", help="bagel: the prompt as text (bundles with a tokenizer).")
-@click.option("--height", default=1024, show_default=True, help="bagel: image height (multiple of 16).")
-@click.option("--width", default=1024, show_default=True, help="bagel: image width (multiple of 16).")
-@click.option("--seed", default=0, show_default=True, help="bagel: seed of the start noise.")
+@click.option("--height", default=1024, show_default=True, callback=_int_range("--height", 1, 1 << 16),
+              help="bagel: image height (multiple of 16).")
+@click.option("--width", default=1024, show_default=True, callback=_int_range("--width", 1, 1 << 16),
+              help="bagel: image width (multiple of 16).")
+@click.option("--seed", default=0, show_default=True, callback=_int_range("--seed", 0),
+              help="bagel: seed of the start noise (≥ 0).")
 @click.option("--walk", help="--inputs, npz -o: run one walk only (default: the whole plan through the "
                              "front API).")
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="Engine backend; auto picks trt → cuda → torch-cuda → cpu and says why.")
-@click.option("--num-steps", type=int, help="Denoising steps (pi0, pi05, bagel; default: the compiled "
-                                            "config's).")
+@click.option("--num-steps", type=int, callback=_int_range("--num-steps", 1, MAX_STEPS),
+              help=f"Denoising steps, 1..{MAX_STEPS} (pi0, pi05, bagel; default: the compiled config's).")
 @click.option("--tiled", is_flag=True, help="PNG output: decode in tiles as diffusers' enable_tiling().")
 @THREADS
 @DIGEST
@@ -259,12 +364,17 @@ def run_cmd(bundle: Path, inputs_path: Path | None, observation_path: Path | Non
     from walkforge.runtimes import load
 
     mode = run_mode(_given(click.get_current_context()), output)
-    feeds = read_npz(inputs_path, "--inputs") if inputs_path is not None else {}
+    output = _npz_output(output) if mode in ("arrays", "observation") else _output_file(output)
+    feeds = (_checked_arrays(read_npz(inputs_path, "--inputs"), f"--inputs {inputs_path}")
+             if inputs_path is not None else {})
+    observation = (_checked_arrays(read_npz(observation_path, "--observation"),
+                                   f"--observation {observation_path}", text=("task",))
+                   if mode == "observation" else {})
     runner = load(bundle, backend, threads=threads, digest=digest)
     if backend == "auto":
         err.print(f"backend: {runner.backend} ({runner.backend_reason})")
     if mode == "observation":
-        _write_actions(runner, observation_path, task, output, num_steps)
+        _write_actions(runner, observation, task, output, num_steps)
     elif mode == "generate":
         _write_generated(runner, output, prompt_ids, prompt, height, width, seed, num_steps)
     elif mode == "images":
@@ -279,8 +389,10 @@ def run_cmd(bundle: Path, inputs_path: Path | None, observation_path: Path | Non
 @cli.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--backend", default="cpu", show_default=True, help="Backend to compare with torch.")
-@click.option("--batch", default=2, show_default=True, help="Batch of the held-out inputs.")
-@click.option("--seed", default=1234, show_default=True, help="Seed of the held-out inputs.")
+@click.option("--batch", default=2, show_default=True, callback=_int_range("--batch", 1, MAX_BATCH),
+              help=f"Batch of the held-out inputs, 1..{MAX_BATCH}.")
+@click.option("--seed", default=1234, show_default=True, callback=_int_range("--seed", 0),
+              help="Seed of the held-out inputs (≥ 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path),
               help="Also add this result to DIR/bench.md's FP8 accuracy section and plot.")
@@ -295,6 +407,8 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
     from walkforge.tools.verify import integrity as check_integrity
     from walkforge.tools.verify import verify
 
+    if report_dir is not None:
+        _not_in_bundle(report_dir / "bench.md", "--report")
     if integrity:
         checked = check_integrity(bundle, digest)
         if as_json:
@@ -319,9 +433,12 @@ def verify_cmd(bundle: Path, backend: str, batch: int, seed: int, as_json: bool,
 @click.option("--backends", default="cpu,torch,torch-bf16", show_default=True,
               help="Comma-separated backends; each runs in its own process. torch (fp32) and "
                    "torch-bf16 (CPU bf16 autocast) are the references the ratios are to.")
-@click.option("--warmup", default=2, show_default=True, help="Untimed runs first.")
-@click.option("--iters", default=10, show_default=True, help="Timed runs.")
-@click.option("--batch", default=1, show_default=True, help="Batch size of the example inputs.")
+@click.option("--warmup", default=2, show_default=True, callback=_int_range("--warmup", 0),
+              help="Untimed runs first.")
+@click.option("--iters", default=10, show_default=True, callback=_int_range("--iters", 1),
+              help="Timed runs.")
+@click.option("--batch", default=1, show_default=True, callback=_int_range("--batch", 1, MAX_BATCH),
+              help=f"Batch size of the example inputs, 1..{MAX_BATCH}.")
 @THREADS
 @click.option("--dim", "dims", multiple=True, help="Recipe input size, e.g. height=32 (VAE latents).")
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
@@ -339,8 +456,11 @@ def bench_cmd(bundle: Path, backends: str, warmup: int, iters: int, batch: int, 
     """Per-walk and end-to-end latency (median, p90) of each backend vs the torch references."""
     from walkforge.tools.bench import bench
 
+    if report_dir is not None:
+        _not_in_bundle(report_dir / "bench.md", "--report")
     report = bench(bundle, tuple(backends.split(",")), warmup, iters, batch, threads, _settings(dims),
-                   digest=digest, settings=_settings(run_settings), inputs=inputs_path)
+                   digest=digest, settings=_settings(run_settings, "--setting", 0, MAX_INPUT_DIM),
+                   inputs=inputs_path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -387,6 +507,7 @@ def demo_cmd(out: Path) -> None:
     """Compile the tiny pi0 recipe, run it, and print actions, parity and latency."""
     from walkforge.tools.demo import demo
 
+    _not_in_bundle(out, "-o")
     demo(out, stdout)
 
 
@@ -410,15 +531,33 @@ def demo_cmd(out: Path) -> None:
 @click.option("--replicas", default=1, show_default=True, help="--ray: policy replicas.")
 @click.option("--address",
               help="--ray: the Ray cluster to join (auto, or HEAD:6379); default: a local one.")
+@click.option("--max-frame-mb", default=64.0, show_default=True,
+              help="Largest observation frame; a bigger one closes its connection (1009).")
+@click.option("--max-inflight-mb", default=256.0, show_default=True,
+              help="Bytes of frames being decoded, checked or answered, all connections together; "
+                   "more wait unread (backpressure). At least --max-frame-mb.")
+@click.option("--max-connections", default=32, show_default=True,
+              help="Open websockets; more are refused with HTTP 503.")
+@click.option("--max-image-side", default=4096, show_default=True,
+              help="Largest camera frame height or width (frames are resized to the model's size).")
+@click.option("--decode-threads", default=2, show_default=True,
+              help="Threads decoding and checking frames off the event loop.")
 @THREADS
+@DIGEST
 def serve_cmd(bundle: Path, host: str, port: int, backend: str, obs_map: Path | None, max_batch: int,
               batch_wait_ms: float, max_queue: int, pool_wait_ms: float, kv_pages: int | None,
-              use_ray: bool, replicas: int, address: str | None, threads: int | None) -> None:
+              use_ray: bool, replicas: int, address: str | None, max_frame_mb: float,
+              max_inflight_mb: float, max_connections: int, max_image_side: int, decode_threads: int,
+              threads: int | None, digest: str | None) -> None:
     """Serve BUNDLE's policy over openpi's websocket protocol until SIGTERM."""
     from walkforge.serving.app import ServeOptions, serve_bundle
 
-    serve_bundle(bundle, ServeOptions(host, port, backend, obs_map, max_batch, batch_wait_ms, max_queue,
-                                      pool_wait_ms, kv_pages, threads, use_ray, replicas, address))
+    serve_bundle(bundle, ServeOptions(
+        host=host, port=port, backend=backend, obs_map=obs_map, max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms, max_queue=max_queue, pool_wait_ms=pool_wait_ms, kv_pages=kv_pages,
+        threads=threads, ray=use_ray, replicas=replicas, address=address, digest=digest,
+        max_frame_mb=max_frame_mb, max_inflight_mb=max_inflight_mb, max_connections=max_connections,
+        max_image_side=max_image_side, decode_threads=decode_threads))
 
 
 @cli.command("client")
@@ -426,12 +565,17 @@ def serve_cmd(bundle: Path, host: str, port: int, backend: str, obs_map: Path | 
 @click.option("--observation", "observation", required=True, type=click.Path(path_type=Path),
               help="npz of one observation (camera keys, state, a 0-d string 'task', optional 'noise').")
 @click.option("--repeat", default=1, show_default=True, help="Send it this many times (timing).")
-def client_cmd(address: str, observation: Path, repeat: int) -> None:
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds to wait for the connection, the metadata and each answer.")
+@click.option("--max-answer-mb", default=16.0, show_default=True, help="Largest answer (or metadata) taken.")
+def client_cmd(address: str, observation: Path, repeat: int, timeout: float, max_answer_mb: float) -> None:
     """Send one observation to a policy server at HOST:PORT; print the chunk and round-trip time."""
     from walkforge.serving.client import as_observation, describe, round_trip
 
     obs = as_observation(read_npz(observation, "--observation"))
-    stdout.print(escape(describe(*round_trip(address, obs, repeat))), highlight=False)
+    meta, answer, times = round_trip(address, obs, repeat, timeout=timeout,
+                                     max_answer_bytes=int(max_answer_mb * (1 << 20)))
+    stdout.print(escape(describe(meta, answer, times)), highlight=False)
 
 
 def _write_images(runner, feeds: dict[str, np.ndarray], output: Path, tiled: bool) -> None:
@@ -460,13 +604,13 @@ def _write_generated(runner, output: Path, prompt_ids: str | None, prompt: str |
     err.print(f"wrote {', '.join(map(str, save_png(to_uint8(image)[None], output)))}")
 
 
-def _write_actions(policy: Any, observation_path: Path, task: str | None, output: Path,
+def _write_actions(policy: Any, observation: dict[str, Any], task: str | None, output: Path,
                    num_steps: int | None) -> None:
-    """pi0/pi05: one raw observation (npz keyed by feature names, optional 'noise') → the action
-    chunk (chunk_size, action_dim) in robot units, written to `output` as 'actions'."""
+    """pi0/pi05: one raw observation (the npz's arrays keyed by feature names, optional 'noise') →
+    the action chunk (chunk_size, action_dim) in robot units, written to `output` as 'actions'."""
     if not hasattr(policy, "predict_action_chunk"):
         raise WalkforgeError(f"--observation: this {policy.bundle.recipe} bundle is not a robot policy")
-    observation: dict[str, Any] = read_npz(observation_path, "--observation")
+    observation = dict(observation)
     noise = observation.pop("noise", None)
     if task is not None:
         observation["task"] = task

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import walkforge
 from walkforge.artifacts.bundle import MANIFEST, Bundle
-from walkforge.artifacts.manifest import ABSENT, FORMAT_VERSION, Manifest, Policy, upgrade
+from walkforge.artifacts.manifest import ABSENT, FORMAT_VERSION, Manifest, Policy, legacy_steps, upgrade
 from walkforge.cli import cli
 from walkforge.errors import WalkforgeError
 from walkforge.recipes.inputs import example_inputs
@@ -38,7 +38,7 @@ def as_format_1(manifest: dict) -> dict:
     for key in ADDED_AFTER_FORMAT_1:
         old.pop(key, None)
     old["precision"].pop("int8_weight_max", None)
-    for key in ("lerobot", "processors", "relative_actions", "prompt_state_dims"):
+    for key in ("lerobot", "processors", "relative_actions", "prompt_state_dims", "steps"):
         old.get("policy", {}).pop(key, None)
     old["format_version"] = 1
     return old
@@ -70,7 +70,7 @@ def test_format_1_upgrades_to_the_documented_defaults(compiled) -> None:
     int8["precision"] |= {"weights": "int8", "activations": "int8"}
     int8["policy"] |= {"type": "pi05", "source": "lerobot", "max_state_dim": 32}
     typed = Manifest.from_json(as_format_1(int8))
-    assert typed.format_version == 2
+    assert typed.format_version == 3
     assert typed.front == "pi0"  # 0.2: the recipe's name
     assert typed.dim_ranges == {}  # 0.2: no recipe ranges
     assert typed.precision.int8_weight_max == 127  # 0.3.2: full-range int8 weights
@@ -82,10 +82,26 @@ def test_format_1_upgrades_to_the_documented_defaults(compiled) -> None:
     assert typed.paging == Manifest.from_json(current).paging  # already there since 0.2
 
 
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_format_2_gets_the_steps_its_kind_ran_which_are_what_0_5_compiles(kind) -> None:
+    """0.4.0 processed by kind; the steps `upgrade` writes for it must be the ones the compiler
+    now builds for the same entry, else an old bundle would change its answers."""
+    from walkforge.recipes import get_recipe
+
+    recipe = get_recipe(kind)
+    entry = recipe.variant_manifest(recipe.variant("tiny"))["policy"]
+    old = {key: value for key, value in entry.items() if key != "steps"}
+    assert legacy_steps(old) == entry["steps"]
+    upgraded = upgrade({"format_version": 2, "policy": old})
+    assert upgraded["format_version"] == 3 and upgraded["policy"]["steps"] == entry["steps"]
+    model_only = upgrade({"format_version": 2, "policy": old | {"processors": None}})
+    assert model_only["policy"]["steps"] is None
+
+
 def test_format_1_fills_in_nothing_a_bundle_did_not_need(compiled) -> None:
     current = stored(compiled(*COMPILES["vae"][:1], **COMPILES["vae"][1]))
     upgraded = upgrade(as_format_1(current))
-    assert upgraded == {**current, "front": "vae", "dim_ranges": {}} | {"format_version": 2}
+    assert upgraded == {**current, "front": "vae", "dim_ranges": {}} | {"format_version": 3}
     assert "int8_weight_max" not in upgraded["precision"] and "policy" not in upgraded
 
 
@@ -101,7 +117,7 @@ def test_format_1_bundle_loads_and_runs_as_before(compiled, tmp_path: Path, name
     old = private_copy(original, tmp_path / "old")
     (old / MANIFEST).write_text(json.dumps(as_format_1(stored(original)), indent=2))
     bundle = Bundle.open(old)
-    assert bundle.stored["format_version"] == 1 and bundle.manifest["format_version"] == 2
+    assert bundle.stored["format_version"] == 1 and bundle.manifest["format_version"] == 3
     feeds = example_inputs(Bundle.open(original), seed=0)
     want = walkforge.load(original, spinning=False).run(feeds)
     got = walkforge.load(old, spinning=False).run(feeds)
@@ -145,11 +161,12 @@ def test_policy_processors_absent_null_and_given() -> None:
 def stored_policy_manifest() -> dict:
     """A minimal current manifest with a variant pi0 policy."""
     from walkforge.recipes.lerobot import default_policy
+    from walkforge.recipes.pi0.checkpoint import POLICY
     from walkforge.recipes.pi0.config import VARIANTS
 
     precision = {"weights": "fp32", "activations": "fp32", "kv": "fp32", "calibration": None}
     return {"walkforge_version": "0", "created": "", "precision": precision,
-            "policy": default_policy(VARIANTS["tiny"], "pi0"), "recipe": "pi0", "variant": "tiny",
+            "policy": default_policy(VARIANTS["tiny"], POLICY), "recipe": "pi0", "variant": "tiny",
             "config": {}, "weights": {"fingerprint": "", "source": "random"}, "front": "pi0",
             "dim_ranges": {}, "walks": {}, "plan": [], "targets": {}, "format": "walkforge-bundle",
             "format_version": FORMAT_VERSION, "files": {}}
@@ -162,8 +179,11 @@ def stored_policy_manifest() -> dict:
     {"processors": None, "relative_actions": None, "prompt_state_dims": 8},
 ])
 def test_lerobot_policy_entry_round_trips_exactly(fields: dict) -> None:
-    """The 0.4.0 fields as recipes/lerobot.py writes them (its key order), null apart from absent."""
+    """The 0.4.0 and 0.5.0 fields as recipes/lerobot.py writes them (its key order), null apart
+    from absent."""
     release = {"release": "0.4", "how": "read", "certain": True}
     lerobot = {"type": "pi05", "source": "lerobot", "lerobot": release}
-    entry = stored_policy_manifest()["policy"] | lerobot | fields
+    base = stored_policy_manifest()["policy"]
+    steps = base.pop("steps")
+    entry = base | lerobot | fields | {"steps": steps}  # 0.5.0's steps: written last
     assert json.dumps(Policy.from_json(entry, "policy").to_json()) == json.dumps(entry)

@@ -113,6 +113,8 @@ def test_pi0_tiny_bf16_actions_match_fp32(bf16_pi0):
         onnx.checker.check_model(str(root / walk["onnx"]))
         model = onnx.load(str(root / walk["onnx"]), load_external_data=False)
         assert all(i.type.tensor_type.elem_type != TensorProto.BFLOAT16 for i in model.graph.input)
+        if walk["onnx"].startswith("walks/guide"):  # element-wise, no weights: nothing to cast
+            continue
         assert any(t.data_type == TensorProto.BFLOAT16 for t in model.graph.initializer)
 
 

@@ -305,7 +305,8 @@ def test_calib_data_is_one_run_of_the_users_arrays(tmp_path) -> None:
     [run] = calibration_samples(None, path, count=8, seed=0)
     np.testing.assert_array_equal(run["latents"], x)
     np.savez(path, objects=np.array([{"a": 1}], dtype=object))  # would need unpickling
-    with pytest.raises(WalkforgeError, match=r"^--calib-data .*calib\.npz: not a readable npz"):
+    with pytest.raises(WalkforgeError, match=r"^--calib-data .*calib\.npz: member 'objects' holds Python "
+                       r"objects \(pickled\), which are not read"):
         calibration_samples(None, path, count=8, seed=0)
     np.save(tmp_path / "lone.npy", x)
     (tmp_path / "lone.npy").rename(path)

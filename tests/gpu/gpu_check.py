@@ -245,7 +245,7 @@ def _attention_batch(batch: int, peak: float | None) -> list[Row]:
     )
     from tolerances import rel_err
 
-    from walkforge.recipes.pi0.model import PagedCache
+    from walkforge.recipes.blocks.flow import PagedCache
 
     caches = pi0_caches(batch, seed=batch)
     paged = PagedCache(*(t.cuda() for t in caches["paged"]))

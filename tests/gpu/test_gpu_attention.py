@@ -49,7 +49,7 @@ def pi0_caches(batch: int, seed: int = 0) -> dict:
 
 def attends(caches: dict, device: str) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
     """(paged, dense): layer 0's attention through PagedCache and DenseCache on `device`."""
-    from walkforge.recipes.pi0.model import DenseCache, PagedCache
+    from walkforge.recipes.blocks.flow import DenseCache, PagedCache
 
     paged = PagedCache(*(t.to(device) for t in caches["paged"]))
     dense = DenseCache(*(t.to(device) for t in caches["dense"]))

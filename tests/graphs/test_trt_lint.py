@@ -207,7 +207,11 @@ def test_lint_bundle_reads_every_walk_and_summary_is_json(tmp_path: Path):
     (tmp_path / "walks").mkdir()
     onnx.save(_unary("Unique"), str(tmp_path / "walks" / "bad.onnx"))
     onnx.save(_unary("Relu"), str(tmp_path / "walks" / "good.onnx"))
-    manifest = {"walks": {"bad": {"onnx": "walks/bad.onnx"}, "good": {"onnx": "walks/good.onnx"}}}
+    walks = {name: {"onnx": f"walks/{name}.onnx", "inputs": [], "outputs": []} for name in ("bad", "good")}
+    manifest = {"walkforge_version": "0", "created": "", "recipe": "vae", "variant": "tiny", "config": {},
+                "weights": {"fingerprint": "", "source": "random"}, "front": "vae", "dim_ranges": {},
+                "precision": {"weights": "fp32", "activations": "fp32", "kv": "fp32", "calibration": None},
+                "walks": walks, "plan": [], "targets": {}}  # a compiled bundle's, less what lint never reads
     by_walk = lint_bundle(tmp_path, manifest)
     assert [len(by_walk["bad"]), len(by_walk["good"])] == [1, 0]
     record = json.loads(json.dumps(summary(by_walk)))

@@ -16,6 +16,7 @@ from lerobot_folder import EMBED, LM_HEAD, PRE, write_folder
 from safetensors.torch import load_file, save_file
 
 from walkforge import CompileRequest, compile_bundle
+from walkforge.artifacts.manifest import legacy_steps
 from walkforge.cli import cli
 from walkforge.compiler.pipeline import write_extra_files
 from walkforge.errors import WalkforgeError
@@ -56,7 +57,9 @@ def test_every_field_is_read(kind: str, tmp_path: Path) -> None:
     got = read(tmp_path, kind)
     cfg, tensors = got
     assert cfg == replace(f.cfg, num_steps=7) and cfg.num_views == 3
-    policy = got.manifest["policy"]
+    policy = dict(got.manifest["policy"])
+    steps = policy.pop("steps")
+    assert steps == legacy_steps(policy)  # what 0.4.0 ran for this entry, as steps
     mode = "MEAN_STD" if kind == "pi0" else "QUANTILES"
     assert policy == {
         "type": kind,

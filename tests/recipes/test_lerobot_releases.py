@@ -15,10 +15,13 @@ import torch
 from lerobot_folder import EMBED, LM_HEAD, POST, PRE, write_folder
 from safetensors.torch import load_file, save_file
 
+from walkforge.artifacts.manifest import legacy_steps
 from walkforge.errors import WalkforgeError
 from walkforge.recipes import get_recipe
 from walkforge.recipes.lerobot import default_policy, relative_actions, relative_mask
 from walkforge.recipes.lerobot_release import NEWEST, FolderFacts, check_version, decide
+from walkforge.recipes.pi0.checkpoint import POLICY as PI0
+from walkforge.recipes.pi05.checkpoint import POLICY as PI05
 from walkforge.runtimes.processors import PolicyProcessor
 
 PRE_STATS = "policy_preprocessor_step_5_normalizer_processor.safetensors"  # pi0's, as write_folder names it
@@ -104,8 +107,10 @@ def test_relative_actions_entry_from_the_steps():
 
 
 def processor(entry: dict) -> PolicyProcessor:
-    """A processor over `entry` with a tokenizer that spells each character as one id."""
-    proc = PolicyProcessor(entry, lambda rel: Path(rel))
+    """A processor over `entry` with the steps a 0.3 – 0.4 runtime ran for it (what `upgrade`
+    writes into older bundles) and a tokenizer that spells each character as one id."""
+    steps = None if entry.get("processors", {}) is None else legacy_steps(entry)  # model-only: none
+    proc = PolicyProcessor(entry | {"steps": steps}, lambda rel: Path(rel).read_bytes())
     proc.__dict__["tokenizer"] = type("Chars", (), {"bos_id": 2, "encode": staticmethod(
         lambda text: [10 + ord(c) % 200 for c in text])})()
     proc.__dict__["stats"] = {}
@@ -114,7 +119,7 @@ def processor(entry: dict) -> PolicyProcessor:
 
 def pi05_entry(**extra) -> dict:
     cfg = get_recipe("pi05").variant("tiny")
-    entry = default_policy(cfg, "pi05") | {"state": {"key": "observation.state", "dim": 3},
+    entry = default_policy(cfg, PI05) | {"state": {"key": "observation.state", "dim": 3},
                                            "tokenizer_max_length": 200} | extra
     return entry
 
@@ -140,7 +145,7 @@ def test_pi05_writes_the_states_own_dims_since_0_5_and_all_padded_dims_before():
 
 def test_relative_actions_add_the_raw_state_back_on_the_masked_dims():
     cfg = get_recipe("pi0").variant("tiny")
-    entry = default_policy(cfg, "pi0") | {"state": {"key": "observation.state", "dim": 4},
+    entry = default_policy(cfg, PI0) | {"state": {"key": "observation.state", "dim": 4},
                                           "action": {"key": "action", "dim": 3},
                                           "relative_actions": {"mask": [True, False, True]}}
     proc = processor(entry)
@@ -151,7 +156,7 @@ def test_relative_actions_add_the_raw_state_back_on_the_masked_dims():
     np.testing.assert_array_equal(got, want)
     with pytest.raises(WalkforgeError, match="relative to the state"):
         proc.postprocess(chunk)
-    np.testing.assert_array_equal(processor(default_policy(cfg, "pi0")).postprocess(chunk), chunk)
+    np.testing.assert_array_equal(processor(default_policy(cfg, PI0)).postprocess(chunk), chunk)
 
 
 def test_stats_are_compared_by_value_whatever_their_shape(tmp_path: Path):

@@ -17,10 +17,11 @@ from torch import nn
 
 from walkforge.errors import WalkforgeError
 from walkforge.recipes import get_recipe
+from walkforge.recipes.blocks.flow import make_attention_mask, suffix_attention_mask
 from walkforge.recipes.blocks.gemma import GemmaConfig
 from walkforge.recipes.configs import from_dict, to_dict
 from walkforge.recipes.pi0.config import Pi0Config
-from walkforge.recipes.pi0.model import Pi0Model, make_attention_mask, suffix_attention_mask
+from walkforge.recipes.pi0.model import Pi0Model
 from walkforge.recipes.weights import load_strict
 
 transformers = pytest.importorskip("transformers")

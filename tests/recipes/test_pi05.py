@@ -16,9 +16,9 @@ from torch.nn import functional as F
 
 from walkforge.errors import WalkforgeError
 from walkforge.recipes import get_recipe
+from walkforge.recipes.blocks.flow import make_attention_mask, suffix_attention_mask
 from walkforge.recipes.blocks.gemma import Gemma, GemmaConfig, run_stack
 from walkforge.recipes.configs import from_dict, to_dict
-from walkforge.recipes.pi0.model import make_attention_mask, suffix_attention_mask
 from walkforge.recipes.pi05.config import Pi05Config
 from walkforge.recipes.pi05.model import Pi05Model, suffix_ar
 

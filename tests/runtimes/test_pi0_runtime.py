@@ -338,7 +338,7 @@ def test_only_the_loop_body_keeps_spinning_after_a_run(bundle) -> None:
 
     spinning = walkforge.load(bundle.root).engines
     assert {name: stops(e.session) for name, e in spinning.items()} == {
-        "vision": True, "prefill": True, "denoise": False}
+        "vision": True, "prefill": True, "denoise": False, "guide": True}  # guide: RTC, runs after denoise
     quiet = walkforge.load(bundle.root, spinning=False).engines
     assert not any(stops(e.session) for e in quiet.values())
     assert all(e.session.get_session_options().get_session_config_entry(

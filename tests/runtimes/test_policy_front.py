@@ -205,7 +205,7 @@ def test_bad_observations_are_one_line_errors(policy, case):
 
 def test_no_tokenizer_names_the_flag_and_the_hub_tokenizer(compiled, policy):
     entry = {**compiled[1].manifest["policy"], "tokenizer": None}
-    processor = PolicyProcessor(entry, compiled[1].path)
+    processor = PolicyProcessor(entry, compiled[1].read_verified)
     with pytest.raises(WalkforgeError, match="no tokenizer: compile with --tokenizer DIR .*google/paligemma"):
         processor.preprocess(observation())
 

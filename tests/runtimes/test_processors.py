@@ -224,7 +224,7 @@ def test_bundled_tokenizer_gives_transformers_ids(tokenizer_dir, file):
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     assert type(ref).__name__ in ("GemmaTokenizerFast", "GemmaTokenizer")
-    tok = load_tokenizer(tokenizer_dir, [file])
+    tok = load_tokenizer(lambda rel: (tokenizer_dir / rel).read_bytes(), ".", [file])
     assert tok.bos_id == ref.bos_token_id == 2
     for text in TEXTS:
         assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
@@ -233,4 +233,4 @@ def test_bundled_tokenizer_gives_transformers_ids(tokenizer_dir, file):
 
 def test_tokenizer_folder_without_files_is_refused(tmp_path):
     with pytest.raises(WalkforgeError, match="neither tokenizer.json nor tokenizer.model"):
-        load_tokenizer(tmp_path, ["tokenizer_config.json"])
+        load_tokenizer(lambda rel: (tmp_path / rel).read_bytes(), ".", ["tokenizer_config.json"])

@@ -27,8 +27,18 @@ TRT_VS_CPU_TOL = 2 * 2.0**-10
 VAE_DECODE = {"inputs": [{"name": "latents", "dtype": "float32", "shape": ["batch", 4, "height", "width"]}],
               "outputs": [{"name": "sample", "dtype": "float32",
                            "shape": ["batch", 3, "sample_height", "sample_width"]}]}
-VAE_MANIFEST = {"dim_ranges": {"height": [8, 64, 128], "width": [8, 64, 128]}}  # the vae recipe's
-PI0_MANIFEST = {"paging": {"max_tokens": 2 * 256 + 16, "page_size": 16}}  # tiny pi0: 2 views, 16 prompt
+
+
+def manifest(**fields) -> dict:
+    """A compiled bundle's manifest, less what these helpers never read, with `fields`."""
+    return {"walkforge_version": "0", "created": "", "recipe": "vae", "variant": "tiny", "config": {},
+            "weights": {"fingerprint": "", "source": "random"}, "front": "vae", "dim_ranges": {},
+            "precision": {"weights": "fp32", "activations": "fp32", "kv": "fp32", "calibration": None},
+            "walks": {}, "plan": [], "targets": {}} | fields
+
+
+VAE_MANIFEST = manifest(dim_ranges={"height": [8, 64, 128], "width": [8, 64, 128]})  # the vae recipe's
+PI0_MANIFEST = manifest(paging={"max_tokens": 2 * 256 + 16, "page_size": 16})  # tiny pi0: 2 views, 16 prompt
 POOL = {"name": "kv_pool", "dtype": "float32", "shape": [2, 2, "num_pages", 16, 1, 16]}
 DENOISE = {"inputs": [{"name": "x_t", "dtype": "float32", "shape": ["batch", 50, 32]}, POOL,
                       {"name": "block_table", "dtype": "int64", "shape": ["batch", "max_pages"]}]}
@@ -53,7 +63,7 @@ def test_kv_page_dims_follow_the_prefix_length():
 
 def test_kv_page_dims_need_the_manifests_paging():
     with pytest.raises(WalkforgeError, match="'kv_pool' has symbolic dim 'num_pages' with no TensorRT range"):
-        trt_build.derive_profiles(DENOISE, {}, "default")
+        trt_build.derive_profiles(DENOISE, manifest(), "default")
 
 
 def test_unknown_profile_and_unknown_dim_are_user_errors():
@@ -61,7 +71,7 @@ def test_unknown_profile_and_unknown_dim_are_user_errors():
         trt_build.derive_profiles(VAE_DECODE, VAE_MANIFEST, "huge")
     contract = {"inputs": [{"name": "tokens", "dtype": "int64", "shape": ["batch", "seq"]}]}
     with pytest.raises(WalkforgeError, match="'tokens' has symbolic dim 'seq'"):
-        trt_build.derive_profiles(contract, {}, "default")
+        trt_build.derive_profiles(contract, manifest(), "default")
 
 
 @pytest.mark.parametrize("sm, version, folder", [
@@ -84,9 +94,9 @@ def test_target_entry_describes_the_build():
     entry = trt_build.target_entry("NVIDIA H100", "9.0", {"tensorrt": "10.9.0.34", "cuda": "12.8"},
                                    {"decode": "engines/trt-sm90-10.9.0.34/decode.plan"}, "default",
                                    "engines/trt-sm90-10.9.0.34")
-    assert entry["backend"] == "tensorrt" and entry["compute_capability"] == "9.0"
-    assert entry["profile"] == {"name": "default", "max_batch": 8}
-    assert entry["timing_cache"] == "engines/trt-sm90-10.9.0.34/timing.cache"
+    assert entry.backend == "tensorrt" and entry.compute_capability == "9.0"
+    assert entry.profile == {"name": "default", "max_batch": 8}
+    assert entry.timing_cache == "engines/trt-sm90-10.9.0.34/timing.cache"
 
 
 # ---------------------------------------------------------------- compatibility
@@ -114,13 +124,16 @@ def test_check_compatible_refuses_another_gpu_or_tensorrt(gpu, cc, version):
         assert part in message
 
 
+CPU = {"backend": "onnxruntime", "versions": {}, "walks": {}}
+
+
 def test_select_target_picks_the_fitting_build():
-    manifest = {"targets": {"cpu": {"backend": "onnxruntime"}, "trt-sm90-10.9.0.34": H100,
-                            "trt-sm80-10.9.0.34": {**H100, "gpu": "A100", "compute_capability": "8.0"}}}
-    key, _ = trt_runtime.select_target(manifest, "A100", "8.0", "10.9.0.34")
+    targets = {"cpu": CPU, "trt-sm90-10.9.0.34": H100,
+               "trt-sm80-10.9.0.34": {**H100, "gpu": "A100", "compute_capability": "8.0"}}
+    key, _ = trt_runtime.select_target(manifest(targets=targets), "A100", "8.0", "10.9.0.34")
     assert key == "trt-sm80-10.9.0.34"
     with pytest.raises(WalkforgeError, match="no TensorRT target"):
-        trt_runtime.select_target({"targets": {"cpu": {"backend": "onnxruntime"}}}, "A100", "8.0", "10.9")
+        trt_runtime.select_target(manifest(targets={"cpu": CPU}), "A100", "8.0", "10.9")
 
 
 def test_loop_bodies_are_the_graph_captured_walks():
@@ -203,8 +216,8 @@ def test_register_plugins_falls_back_to_the_onnx_body_without_tensorrt(tmp_path:
     graph = helper.make_graph([node], "denoise", value[:1], value[1:])
     (tmp_path / "walks").mkdir()
     onnx.save(helper.make_model(graph), str(tmp_path / "walks" / "denoise.onnx"))
-    manifest = {"walks": {"denoise": {"onnx": "walks/denoise.onnx"}}, "kernels": []}
-    status = register_plugins(tmp_path, manifest, arch="sm_90")
+    walk = {"onnx": "walks/denoise.onnx", "inputs": [], "outputs": []}
+    status = register_plugins(tmp_path, manifest(walks={"denoise": walk}, kernels=[]), arch="sm_90")
     assert list(status) == ["PagedAttention"] and status["PagedAttention"].startswith("onnx-function")
     assert "no AOT kernel" in status["PagedAttention"]
     assert "tensorrt" not in sys.modules

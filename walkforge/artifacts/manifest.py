@@ -19,6 +19,9 @@ Format versions (docs/bundle.md "Format versions"):
   2  walkforge 0.4.0: the policy entry's `lerobot`, `processors`, `relative_actions` and
      `prompt_state_dims`. A 0.3 runtime would ignore them and return other actions, so it must
      refuse these bundles, which the bump makes it do.
+  3  walkforge 0.5.0: the policy entry's `steps`, LeRobot's processing as a list of named steps
+     (runtimes/processors/steps.py runs them), which now decides the processing instead of the
+     model kind; older bundles get the steps their kind ran (`_from_2`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from typing import Any, Self
 from walkforge.artifacts.schema import Malformed
 
 FORMAT = "walkforge-bundle"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 Json = Any  # a JSON value kept as parsed: its shape is documented where it is written
 
@@ -187,6 +190,15 @@ class RelativeActions(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PolicySteps(Section):
+    pre: list[Json] = _key()
+    """Observation → walk inputs: named steps in order, each {"name": …, its settings}
+    (runtimes/processors/steps.py lists them)."""
+    post: list[Json] = _key()
+    """Model-space chunk → robot actions, the same way."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Policy(Section):
     """pi0 / pi05: what LeRobot's processors need, read at compile time (recipes/lerobot.py);
     runtimes/processors/policy.py runs them. Since 0.3 unless said."""
@@ -232,6 +244,9 @@ class Policy(Section):
     none. Since 0.4.0 (`upgrade` writes null into older LeRobot bundles)."""
     prompt_state_dims: int | None = _key(default=None)
     """pi05: how many state dims are written into the prompt. Since 0.4.0; absent: max_state_dim."""
+    steps: PolicySteps | None = _key(codec=_one(PolicySteps), default=None)
+    """LeRobot's processing as named steps, what the runtime runs; null: none (a model-only
+    folder). Since 0.5.0 (`upgrade` writes those of the bundle's kind into older ones)."""
 
     @property
     def has_processors(self) -> bool:
@@ -320,6 +335,12 @@ class Target(Section):
     """TensorRT: bundle path of the build log."""
     plugins: Json = _key(default=None)
     """TensorRT: the plugins registered for the build."""
+
+    @property
+    def tensorrt_version(self) -> str | None:
+        """TensorRT: the version its engines were built with (`versions.tensorrt`, since 0.1);
+        None for an onnxruntime target."""
+        return self.versions.get("tensorrt")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -422,6 +443,12 @@ class Manifest(Section):
         """"full" (engines and the torch reference weights) or "deployment" (engines only)."""
         return "full" if self.has_reference_weights else "deployment"
 
+    @property
+    def pool_dtype(self) -> str:
+        """The KV page pool's element type in the kernels, which picks their variant:
+        `kv_cache.dtype` (float8_e4m3fn, since 0.1), float32 without `kv_cache`."""
+        return "float32" if self.kv_cache is None else self.kv_cache.dtype
+
 
 # -- old formats --------------------------------------------------------------------------------
 
@@ -432,10 +459,11 @@ def upgrade(data: Mapping[str, Json]) -> dict[str, Json]:
         raise Malformed("the manifest is not an object")
     if data.get("format_version") == FORMAT_VERSION:
         return dict(data)
-    if data.get("format_version") != 1:
+    if data.get("format_version") not in (1, 2):
         raise Malformed(f"format_version is {data.get('format_version')!r}, not one of "
                         f"{', '.join(map(str, READABLE_VERSIONS))}")
-    return _from_1(copy.deepcopy(dict(data)))
+    m = copy.deepcopy(dict(data))
+    return _from_2(_from_1(m) if m["format_version"] == 1 else m)
 
 
 def _from_1(m: dict[str, Json]) -> dict[str, Json]:
@@ -454,6 +482,47 @@ def _from_1(m: dict[str, Json]) -> dict[str, Json]:
     # 0.2's `paging` cannot be filled in: a KV bundle without it must be recompiled (runtimes/chain.py)
     m["format_version"] = 2
     return m
+
+
+def _from_2(m: dict[str, Json]) -> dict[str, Json]:
+    """Format 2 (walkforge 0.4.0) → 3: a policy entry gets the steps its kind ran then."""
+    policy = m.get("policy")
+    if isinstance(policy, dict) and "steps" not in policy:
+        policy["steps"] = None if policy.get("processors", {}) is None else legacy_steps(policy)
+    m["format_version"] = 3
+    return m
+
+
+def legacy_steps(policy: Mapping[str, Json]) -> dict[str, list[Json]]:
+    """The processing walkforge 0.3 – 0.4 ran for a pi0 / pi05 policy entry, as steps: cameras
+    padded in the centre, BOS-first prompts padded to the compiled length; pi0: new line, the
+    state normalised and padded; pi05: the state normalised, padded and written into the prompt;
+    the chunk cropped, unnormalised and, with relative actions, the state added back."""
+    try:
+        cams = policy["cameras"]
+        pre: list[Json] = [{"name": "cameras", "keys": [c["key"] for c in cams],
+                            "empty": [c["key"] for c in cams if c["empty"]],
+                            "resolution": list(policy["image_resolution"]), "pad": "center"}]
+        norm = policy["normalization"]
+        state = [{"name": "normalize", "key": policy["state"]["key"], "mode": norm.get("STATE", "IDENTITY")},
+                 {"name": "pad_state", "dim": policy["max_state_dim"]}]
+        tokenize = {"name": "tokenize", "max_length": policy["tokenizer_max_length"], "padding": "max_length",
+                    "bos": True}
+        if policy["type"] == "pi05":
+            dims = policy.get("prompt_state_dims") or policy["max_state_dim"]
+            pre += [*state, {"name": "state_to_prompt", "dims": dims}, tokenize]
+        else:
+            pre += [{"name": "newline"}, tokenize, *state]
+        post: list[Json] = [{"name": "crop_actions", "dim": policy["action"]["dim"]},
+                            {"name": "unnormalize", "key": policy["action"]["key"],
+                             "mode": norm.get("ACTION", "IDENTITY")}]
+        relative = policy.get("relative_actions")
+        if relative:
+            post.append({"name": "absolute_actions", "mask": relative["mask"]})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise Malformed(f"policy: cannot read the entry of a format-2 bundle ({type(exc).__name__}: {exc})"
+                        ) from None
+    return {"pre": pre, "post": post}
 
 
 def as_manifest(manifest: Manifest | Mapping[str, Json]) -> Manifest:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from walkforge.errors import WalkforgeError
 
 PATH_KEYS = frozenset({"onnx", "file", "timing_cache", "build_log"})
 """Manifest keys whose string value is a bundle path (so is any key ending in `_file`)."""
+MAX_PATH_CHARS, MAX_PATH_PARTS = 4096, 64
+"""The longest bundle path (Linux's PATH_MAX) and its most parts."""
 
 
 def manifest_paths(manifest: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -74,6 +76,8 @@ def inside(root: Path, rel: Any, entry: str) -> Path:
 def _spelling_problem(rel: Any) -> str | None:
     if not isinstance(rel, str) or not rel:
         return "is not a path"
+    if len(rel) > MAX_PATH_CHARS or rel.count("/") >= MAX_PATH_PARTS:
+        return f"is longer than a bundle path may be ({MAX_PATH_CHARS} characters, {MAX_PATH_PARTS} parts)"
     if "\\" in rel or not rel.isprintable():
         return "is not a POSIX relative path"
     if rel.startswith("/"):
@@ -81,15 +85,56 @@ def _spelling_problem(rel: Any) -> str | None:
     parts = rel.split("/")
     if ".." in parts:
         return "leaves the bundle (..)"
-    if "" in parts or "." in parts or PurePosixPath(rel).as_posix() != rel:
+    if "" in parts or "." in parts:  # what PurePosixPath would normalise away
         return "is not a normalised relative path"
     return None
 
 
 def check_paths(root: Path, manifest: Mapping[str, Any]) -> None:
-    """Refuse the first path the manifest names that is not inside `root` (module doc)."""
+    """Refuse the first path the manifest names that is not inside `root` (module doc). Each distinct
+    path is resolved once, from its folder's real path and that folder's listing (read once), so a
+    manifest naming many paths costs no system call per path."""
+    real_root = os.path.realpath(root)
+    below = real_root.rstrip("/") + "/"
+    resolver, inside_paths = _Resolver(real_root), set()
     for entry, rel in manifest_paths(manifest):
-        inside(root, rel, entry)
+        if isinstance(rel, str) and rel in inside_paths:
+            continue
+        problem = _spelling_problem(rel)
+        if problem is None:
+            real = resolver(rel)
+            if real != real_root and not real.startswith(below):
+                problem = f"resolves outside the bundle (to {real})"
+        if problem is not None:
+            raise WalkforgeError(f"{Path(root) / 'manifest.json'}: {entry} = {rel!r} {problem}; refused")
+        inside_paths.add(rel)
+
+
+class _Resolver:
+    """os.path.realpath of well-spelled bundle paths, sharing the work: `resolved` maps each path
+    (and its folders) to its real path, `listing` each real folder to {name: is a symlink}."""
+
+    def __init__(self, real_root: str) -> None:
+        self.resolved: dict[str, str] = {"": real_root}
+        self.listing: dict[str, dict[str, bool] | None] = {}
+
+    def __call__(self, rel: str) -> str:
+        head, _, tail = rel.rpartition("/")
+        if head not in self.resolved:
+            self(head)
+        real = self._child(self.resolved[head], tail)
+        self.resolved[rel] = real
+        return real
+
+    def _child(self, folder: str, name: str) -> str:
+        if folder not in self.listing:
+            try:
+                with os.scandir(folder) as entries:
+                    self.listing[folder] = {e.name: e.is_symlink() for e in entries}
+            except OSError:  # absent, or not a folder: nothing below it can be a symlink
+                self.listing[folder] = None
+        path = os.path.join(folder, name)
+        return os.path.realpath(path) if (self.listing[folder] or {}).get(name) else path
 
 
 def present_files(root: Path, manifest_name: str) -> set[str]:

@@ -4,6 +4,13 @@
 place only when complete, so an interrupted or failed compile leaves nothing at the destination;
 a folder left by a killed compile is removed by the next write there. A second write to the same
 destination while one is in progress is refused. Used by the compiler and `walkforge build`.
+
+`force` replacement is two renames: the old bundle into the partial folder (as PREVIOUS), then the
+new one into place. The old bundle is never deleted while it is the only copy: a failed second
+rename puts it back at once, and after a kill between the two (the destination absent, PREVIOUS
+in a partial whose writer is gone) the next write to that destination puts it back before
+anything else (`interrupted_replacement` names it meanwhile; the bundle reader's "not found"
+says where it is).
 """
 
 from __future__ import annotations
@@ -38,8 +45,12 @@ def staged_bundle(out: Path, force: bool = False) -> Iterator[Path]:
     0644, less the umask.
     """
     out = Path(out).absolute()
+    _put_back_interrupted(out)
     if out.exists() and not force:
         raise WalkforgeError(f"output {out} already exists (pass --force to replace it)")
+    if out.exists() and os.path.ismount(out):
+        raise WalkforgeError(f"cannot replace {out}: it is a mount point, which cannot be renamed "
+                             "(write the bundle to a folder inside it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -64,10 +75,17 @@ def _unwritable(out: Path, exc: OSError) -> WalkforgeError:
 
 
 def _replace(stage: Path, out: Path, previous: Path) -> None:
-    """Rename `stage` to `out`; an existing `out` moves to `previous` (in the partial) first."""
+    """Rename `stage` to `out`; an existing `out` moves to `previous` (in the partial) first. If
+    the second rename fails, the partial's cleanup (`_put_back`) returns `previous` to `out`."""
     if out.exists():
-        os.replace(out, previous)
-    os.replace(stage, out)
+        try:
+            os.replace(out, previous)
+        except OSError as exc:
+            raise WalkforgeError(f"cannot replace {out}: {exc.strerror or exc}") from None
+    try:
+        os.replace(stage, out)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
 
 
 def _ordinary_modes(root: Path, umask: int) -> None:
@@ -94,8 +112,11 @@ def _partial(out: Path) -> Iterator[Path]:
     try:
         yield partial
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.close(lock)  # after the removal, so no cleaner sees it unlocked
+        try:
+            if _put_back(partial, out):  # else kept, holding the only copy of the old bundle
+                shutil.rmtree(partial, ignore_errors=True)
+        finally:
+            os.close(lock)  # after the removal, so no cleaner sees it unlocked
 
 
 def _new_partial(out: Path) -> tuple[Path, int]:
@@ -130,11 +151,47 @@ def _prefix(out: Path) -> str:
     return f".{out.name}.partial-"
 
 
+def _put_back(partial: Path, out: Path) -> bool:
+    """Where `out` is absent and `partial` holds the bundle a `force` write moved away (PREVIOUS),
+    rename it back to `out`. False if it is there and cannot be put back (keep the partial then)."""
+    previous = partial / PREVIOUS
+    if os.path.lexists(out) or not previous.is_dir():
+        return True
+    try:
+        os.replace(previous, out)
+    except OSError as exc:
+        log.error("cannot put the old bundle %s back at %s: %s (it is kept there)", previous, out, exc)
+        return False
+    log.warning("put the old bundle back at %s: its replacement had been interrupted", out)
+    return True
+
+
+def interrupted_replacement(out: Path) -> Path | None:
+    """The old bundle of an interrupted `force` replacement of `out` (absent), kept in a partial
+    beside it; None if there is none."""
+    out = Path(out).absolute()
+    if os.path.lexists(out) or not out.parent.is_dir():
+        return None
+    with suppress(OSError):
+        for partial in _partials(out):
+            if (partial / PREVIOUS).is_dir():
+                return partial / PREVIOUS
+    return None
+
+
+def _put_back_interrupted(out: Path) -> None:
+    """Put back, at an absent `out`, the old bundle a killed `force` write left in its partial."""
+    if interrupted_replacement(out) is None:
+        return
+    for path in _partials(out):
+        _remove_if_stale(path, out)  # puts PREVIOUS back first, once its writer is gone
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Remove the partial folders beside `out` whose writer is gone; log how many and their size."""
     removed = []
     for path in _partials(out):
-        size = _remove_if_stale(path)
+        size = _remove_if_stale(path, out)
         if size is not None:
             removed.append(size)
     if removed:
@@ -148,7 +205,7 @@ def _refuse_if_another_writer(out: Path, mine: Path) -> None:
     either sees the other's lock or removed its not-yet-locked folder (whose writer then retries)."""
     key = _age(mine, out)
     for path in _partials(out):
-        if path != mine and _age(path, out) < key and _remove_if_stale(path) is None:
+        if path != mine and _age(path, out) < key and _remove_if_stale(path, out) is None:
             pid = path.name[len(_prefix(out)):].split("-", 1)[0]
             raise WalkforgeError(f"another walkforge process (pid {pid}) is writing {out}; "
                                  "wait for it to finish or stop it")
@@ -166,20 +223,21 @@ def _age(partial: Path, out: Path) -> tuple[int, str]:
     return (int(fields[1]) if len(fields) > 2 and fields[1].isdigit() else 0), partial.name
 
 
-def _remove_if_stale(partial: Path) -> int | None:
-    """Remove `partial` unless a live process holds its owner lock: its bytes, or None if kept."""
+def _remove_if_stale(partial: Path, out: Path) -> int | None:
+    """Remove `partial` unless a live process holds its owner lock: its bytes, or None if kept. An
+    old bundle in it that `out` lacks is put back first (`_put_back`), never removed."""
     try:
         fd = os.open(partial / OWNER, os.O_RDWR)
     except FileNotFoundError:  # from a walkforge before owner files, or killed before making one
-        return _remove_tree(partial)
+        return _remove_tree(partial) if _put_back(partial, out) else None
     except OSError:  # e.g. another user's: not ours to judge
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # held by its live writer (or no locks on this filesystem: keep it)
         return None
-    else:
-        return _remove_tree(partial)  # holding the lock, so no new writer can claim the folder
+    else:  # holding the lock, so no new writer can claim the folder
+        return _remove_tree(partial) if _put_back(partial, out) else None
     finally:
         os.close(fd)
 

@@ -112,7 +112,7 @@ def _fp8_pool_walk(bundle: Any, name: str) -> int:
 def _reused_amax(old: Path, manifest: Mapping[str, Any]) -> np.ndarray:
     from walkforge.compiler.quantize import reusable_manifest
 
-    kv = reusable_manifest(old, manifest).get("kv_cache")
-    if not kv:
+    kv = reusable_manifest(old, manifest).kv_cache
+    if kv is None or kv.amax is None:
         raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8 KV calibration")
-    return np.asarray(kv["amax"], np.float64)
+    return np.asarray(kv.amax, np.float64)

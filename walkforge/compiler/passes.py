@@ -64,7 +64,7 @@ def bf16_bundle(bundle: Any, runtime: Any) -> tuple[dict[str, Any], dict[str, in
     runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     reference = [runner.run(dict(sample)) for sample in held_out]
     del runner  # its sessions read the fp32 files about to be rewritten
-    paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
+    paths = {name: bundle.path(w.onnx) for name, w in bundle.typed.walks.items()}
     totals: dict[str, int] = {}
     bf16 = {}
     for name, path in paths.items():

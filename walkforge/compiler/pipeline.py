@@ -127,16 +127,22 @@ CHECKPOINT_OPTIONS = {"weights_variant": "reads one weights file",
                       "lerobot_version": "reads no LeRobot folder", "processors": "reads no LeRobot folder"}
 
 
+# Options a reader also takes when it wants them, used elsewhere by the others (SmolVLA reads the
+# VLM's sizes from the `--tokenizer` folder's config.json; every text recipe bundles its tokenizer).
+CHECKPOINT_INPUTS = ("tokenizer",)
+
+
 def checkpoint_options(job: Job) -> dict[str, Any]:
-    """The given checkpoint options, each refused in one line by a recipe that takes none."""
-    given = {k: getattr(job.request, k, None) for k in CHECKPOINT_OPTIONS}
+    """The given checkpoint options, each refused in one line by a recipe that takes none, and
+    the CHECKPOINT_INPUTS its reader takes."""
+    given = {k: getattr(job.request, k, None) for k in (*CHECKPOINT_OPTIONS, *CHECKPOINT_INPUTS)}
     given = {k: v for k, v in given.items() if v is not None}
     takes = inspect.signature(job.recipe.read_checkpoint).parameters
     for name in given:
-        if name not in takes:
+        if name not in takes and name in CHECKPOINT_OPTIONS:
             flag = "--" + name.replace("_", "-")
             raise WalkforgeError(f"{flag}: recipe '{job.request.recipe}' {CHECKPOINT_OPTIONS[name]}")
-    return given
+    return {k: Path(v) if k in CHECKPOINT_INPUTS else v for k, v in given.items() if k in takes}
 
 
 def weights_source(job: Job, tensors: Mapping[str, torch.Tensor] | None

@@ -31,7 +31,8 @@ import onnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from walkforge.artifacts.bundle import Bundle, read_manifest
+from walkforge.artifacts.bundle import Bundle, read_typed_manifest
+from walkforge.artifacts.manifest import Manifest, as_manifest
 from walkforge.compiler.calibrate import (
     AmaxCollector,
     _run_samples,
@@ -86,7 +87,7 @@ def quantize_bundle(bundle: Bundle, samples: Sequence[Mapping[str, np.ndarray]],
     manifest's precision weights/activations (the cpu engines fuse int8 Q/DQ by it)."""
     from walkforge.recipes.inputs import example_inputs
 
-    paths = {name: bundle.path(w["onnx"]) for name, w in bundle.manifest["walks"].items()}
+    paths = {name: bundle.path(w.onnx) for name, w in bundle.typed.walks.items()}
     runner = runtime.load(bundle, "cpu", spinning=False, prepack=False)
     held_out = [example_inputs(bundle, batch=2, seed=s) for s in HELD_OUT_SEEDS]
     first: dict[str, dict[str, np.ndarray]] = {}
@@ -163,7 +164,8 @@ def collected_scales(runner: Any, runtime: Runtime, paths: Mapping[str, Path],
     collectors = {name: AmaxCollector(onnx.load(str(p), load_external_data=False), opts.method,
                                       opts.percentile, p.parent) for name, p in paths.items()}
     _run_samples(runner, runtime, collectors, list(samples), progress)
-    scales = {name: (qdq_scales(c.result(), opts.dtype),
+    # a walk without GEMMs has nothing to calibrate, and may not have run (a flow VLA's guide)
+    scales = {name: (qdq_scales(c.result() if c.tensors else {}, opts.dtype),
                      qdq_scales(weight_amax(onnx.load(str(paths[name]))), opts.dtype, opts.weight_max))
               for name, c in collectors.items()}
     meta = {"dtype": opts.dtype, "weight_max": opts.weight_max, "method": opts.method,
@@ -171,23 +173,23 @@ def collected_scales(runner: Any, runtime: Runtime, paths: Mapping[str, Path],
     return scales, meta | ({"percentile": opts.percentile} if opts.method == "percentile" else {})
 
 
-def reusable_manifest(old: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+def reusable_manifest(old: Path, manifest: Manifest | Mapping[str, Any]) -> Manifest:
     """The manifest of an earlier bundle whose calibration may be reused: same weights only."""
-    theirs = read_manifest(Path(old))
-    mine, their_fp = manifest["weights"]["fingerprint"], theirs["weights"]["fingerprint"]
+    theirs = read_typed_manifest(Path(old))
+    mine, their_fp = as_manifest(manifest).weights.fingerprint, theirs.weights.fingerprint
     if their_fp != mine:
         raise WalkforgeError(f"--reuse-calibration {old}: its weights fingerprint {their_fp[:19]}… "
                              f"differs from this compile's {mine[:19]}…")
     return theirs
 
 
-def reused_scales(old: Path, manifest: Mapping[str, Any], dtype: str = "fp8",
+def reused_scales(old: Path, manifest: Manifest | Mapping[str, Any], dtype: str = "fp8",
                   weight_max: float | None = None) -> tuple[Scales, dict[str, Any]]:
     """Scales of an earlier bundle for `dtype` with weights up to `weight_max` (default: the
     dtype's max): an fp8 bundle's serve an int8 compile and back, 8-bit int8 weights' a 7-bit
     compile (the amax is the same); refused unless its weights fingerprint and walks match."""
-    theirs = reusable_manifest(old, manifest)
-    calibration = (theirs.get("precision") or {}).get("calibration")
+    manifest = as_manifest(manifest)
+    calibration = reusable_manifest(old, manifest).precision.calibration
     if not calibration or calibration.get("scales") != SCALES_FILE:
         raise WalkforgeError(f"--reuse-calibration {old}: that bundle has no FP8/INT8 calibration")
     scales, meta = load_scales(Path(old) / SCALES_FILE)
@@ -196,9 +198,9 @@ def reused_scales(old: Path, manifest: Mapping[str, Any], dtype: str = "fp8",
     weight_max = QDTYPES[dtype].max if weight_max is None else weight_max
     weight_ratio = np.float32(meta.get("weight_max", their_max) / weight_max)  # absent before 0.3.2
     scales = rescaled(scales, act_ratio, weight_ratio)
-    if set(scales) != set(manifest["walks"]):
+    if set(scales) != set(manifest.walks):
         raise WalkforgeError(f"--reuse-calibration {old}: walks {sorted(scales)} differ from "
-                             f"{sorted(manifest['walks'])}")
+                             f"{sorted(manifest.walks)}")
     return scales, {**meta, "dtype": dtype, "weight_max": weight_max, "reused_from": str(old)}
 
 
@@ -246,6 +248,8 @@ def sensitivity_ranking(fp32: Mapping[str, Path], scales: Scales,
     (`fp32`: walk → its fp32 ONNX, loaded one at a time)."""
     ranking = []
     for walk, path in fp32.items():
+        if walk not in first:  # never ran on the held-out inputs (a flow VLA's guide): nothing to rank
+            continue
         model = onnx.load(str(path))
         feeds = {i.name: first[walk][i.name] for i in model.graph.input}
         names = [o.name for o in model.graph.output]

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
+from walkforge.artifacts.manifest import Manifest, as_manifest
 from walkforge.graphs import trt_ops
 from walkforge.plugins.constants import DOMAIN, PLUGIN_NAMESPACE
 
@@ -94,11 +95,11 @@ def lint(model: onnx.ModelProto, walk: str, base_dir: Path | str | None = None) 
     return found
 
 
-def lint_bundle(root: Path | str, manifest: Mapping[str, Any]) -> dict[str, list[Finding]]:
+def lint_bundle(root: Path | str, manifest: Manifest | Mapping[str, Any]) -> dict[str, list[Finding]]:
     """Lint every walk of a bundle (its ONNX files under `root`), by walk name."""
-    return {name: lint(onnx.load(str(Path(root) / walk["onnx"]), load_external_data=False), name,
-                       (Path(root) / walk["onnx"]).parent)
-            for name, walk in manifest["walks"].items()}  # fmt: skip
+    return {name: lint(onnx.load(str(Path(root) / walk.onnx), load_external_data=False), name,
+                       (Path(root) / walk.onnx).parent)
+            for name, walk in as_manifest(manifest).walks.items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------- graph helpers

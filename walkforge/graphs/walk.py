@@ -134,16 +134,21 @@ class Loop:
 
     `carry` maps an output of the body to the input it feeds on the next iteration;
     `schedule` names how the runtime derives per-step inputs (e.g. "euler": t and dt).
+    `guide` (optional) names a walk run after the body in each step, only when every input it
+    takes is in the environment (a flow VLA's real-time-chunking guidance: the caller's inputs
+    switch it on); its one output replaces the body's carried output (the first `carry` key)
+    before it is carried. Written to the manifest only when set, so older plans read as before.
     """
 
     body: str
     count: str
     carry: Mapping[str, str]
     schedule: str = ""
+    guide: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"loop": self.body, "count": self.count, "carry": dict(self.carry),
-                "schedule": self.schedule}
+        out = {"loop": self.body, "count": self.count, "carry": dict(self.carry), "schedule": self.schedule}
+        return out | ({"guide": self.guide} if self.guide else {})
 
 
 @dataclass(frozen=True)

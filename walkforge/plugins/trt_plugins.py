@@ -32,6 +32,7 @@ from typing import Any
 
 import onnx
 
+from walkforge.artifacts.manifest import Manifest, as_manifest
 from walkforge.errors import WalkforgeError
 from walkforge.plugins.constants import DOMAIN, PLUGIN_NAMESPACE, POOL_OUT
 
@@ -47,18 +48,18 @@ _REGISTERED: dict[str, str] = {}
 # ---------------------------------------------------------------- pure helpers
 
 
-def ops_used(bundle_root: Path | str, manifest: Mapping[str, Any]) -> list[str]:
+def ops_used(bundle_root: Path | str, manifest: Manifest | Mapping[str, Any]) -> list[str]:
     """walkforge op names used by any walk of the bundle, sorted."""
     used = set()
-    for walk in manifest["walks"].values():
-        model = onnx.load(str(Path(bundle_root) / walk["onnx"]), load_external_data=False)
+    for walk in as_manifest(manifest).walks.values():
+        model = onnx.load(str(Path(bundle_root) / walk.onnx), load_external_data=False)
         used |= {node.op_type for node in model.graph.node if node.domain == DOMAIN}
     return sorted(used)
 
 
-def pool_dtype(manifest: Mapping[str, Any]) -> str:
+def pool_dtype(manifest: Manifest | Mapping[str, Any]) -> str:
     """The bundle's KV pool dtype ("float32" or "float8_e4m3fn"), which picks the kernel variant."""
-    return (manifest.get("kv_cache") or {}).get("dtype", "float32")
+    return as_manifest(manifest).pool_dtype
 
 
 def kernel_record(records: Sequence[Mapping[str, Any]], kernel: str, arch: str) -> dict[str, Any]:
@@ -125,7 +126,8 @@ def arity(module: ModuleType) -> tuple[int, int, int]:
 # ---------------------------------------------------------------- registration
 
 
-def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch: str) -> dict[str, str]:
+def register_plugins(bundle_root: Path | str, manifest: Manifest | Mapping[str, Any],
+                     arch: str) -> dict[str, str]:
     """Register the AOT TensorRT plugin of every walkforge op the bundle uses, for `arch` ('sm_90').
 
     Each op gets the PTX that JITs on this device and driver (`arch.select_kernel`: TensorRT takes
@@ -138,6 +140,7 @@ def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch:
     from walkforge.plugins.aot import kernel_name
     from walkforge.plugins.arch import Target, check_fp8, driver_cuda_version, select_kernel
 
+    manifest = as_manifest(manifest)
     cc, device, driver = Target.parse(arch).cc, "this GPU", driver_cuda_version()
     if pool_dtype(manifest) != "float32":
         check_fp8(cc, device)
@@ -150,7 +153,7 @@ def register_plugins(bundle_root: Path | str, manifest: Mapping[str, Any], arch:
             continue
         try:
             kernel = kernel_name(ops[op].AOT.name, pool_dtype(manifest))
-            record = select_kernel(manifest.get("kernels", []), kernel, cc, driver, device, ("ptx",)).record
+            record = select_kernel(manifest.kernels or [], kernel, cc, driver, device, ("ptx",)).record
             check_abi(record, *arity(ops[op]))
             ptx = read_ptx(bundle_root, record)
         except WalkforgeError as exc:

@@ -14,6 +14,7 @@ RECIPES = {
     "vae": "walkforge.recipes.vae",
     "pi0": "walkforge.recipes.pi0",
     "pi05": "walkforge.recipes.pi05",
+    "smolvla": "walkforge.recipes.smolvla",
     "bagel": "walkforge.recipes.bagel",
 }
 

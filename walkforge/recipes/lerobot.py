@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from walkforge.errors import WalkforgeError
 from walkforge.recipes.lerobot_release import FolderFacts, decide
+from walkforge.recipes.weights import read_weights
+
+if TYPE_CHECKING:
+    import torch
 
 STATS_FILE = "policy/stats.safetensors"
 TOKENIZER_DIR = "policy/tokenizer"
@@ -25,14 +30,38 @@ NORM_MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES")  # LeRobot's Norma
 FEATURE_TYPES = ("VISUAL", "STATE", "ACTION")
 STATE_KEY, ACTION_KEY = "observation.state", "action"
 LEROBOT_MAX_DIM = 32  # LeRobot's max_state_dim / max_action_dim: pi05's state is padded to it in the prompt
+RTC_SCHEDULES = ("ZEROS", "ONES", "LINEAR", "EXP")  # LeRobot's RTCAttentionSchedule (= runtimes/rtc.py's)
+RTC_FIELDS = ("enabled", "prefix_attention_schedule", "max_guidance_weight", "execution_horizon")
+"""The RTCConfig fields a bundle keeps: the run-time defaults of real-time chunking (its debug
+fields only drive LeRobot's debug tracker)."""
 
 
-def default_policy(cfg: Any, kind: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PolicyKind:
+    """What one LeRobot policy type does beside its processor JSONs, declared by its recipe: its
+    config.json `type`, its default normalization_mapping, the preprocessor steps (registry names)
+    it saves — a compile without a folder builds its steps from these —, and what its model
+    does to the inputs itself: whether the tokenizer puts a BOS first, where images are padded
+    ("center" or "left_top"), how prompts pad when the tokenizer step does not say."""
+
+    type: str
+    normalization: Mapping[str, str]
+    preprocessor: tuple[str, ...]
+    bos: bool = True
+    image_pad: str = "center"
+    prompt_padding: str = "max_length"
+
+    def variant_manifest(self, cfg: Any) -> dict[str, Any]:
+        """`Recipe.variant_manifest`: the default policy entry of a compile without a folder."""
+        return {"policy": default_policy(cfg, self)}
+
+
+def default_policy(cfg: Any, kind: PolicyKind) -> dict[str, Any]:
     """The entry of a variant compile: cameras `observation.images.cam_<i>`, the compiled dims,
-    every mode IDENTITY (there are no stats), no tokenizer."""
+    every mode IDENTITY (there are no stats), no tokenizer, the kind's default steps."""
     state_dim = getattr(cfg, "state_dim", LEROBOT_MAX_DIM)  # pi05 takes no state tensor
-    return {
-        "type": kind,
+    entry = {
+        "type": kind.type,
         "cameras": [{"key": f"observation.images.cam_{i}", "empty": False} for i in range(cfg.num_views)],
         "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
         "state": {"key": STATE_KEY, "dim": state_dim},
@@ -43,16 +72,9 @@ def default_policy(cfg: Any, kind: str) -> dict[str, Any]:
         "normalization": dict.fromkeys(FEATURE_TYPES, "IDENTITY"),
         "stats": None, "tokenizer": None, "hub_tokenizer": None, "source": "variant",
     }
-
-
-def pi0_variant_manifest(cfg: Any) -> dict[str, Any]:
-    """`Recipe.variant_manifest` of pi0."""
-    return {"policy": default_policy(cfg, "pi0")}
-
-
-def pi05_variant_manifest(cfg: Any) -> dict[str, Any]:
-    """`Recipe.variant_manifest` of pi05."""
-    return {"policy": default_policy(cfg, "pi05")}
+    saved = {PROCESSORS[0]: [{"registry_name": n} for n in kind.preprocessor],
+             PROCESSORS[1]: [{"registry_name": "unnormalizer_processor"}]}
+    return entry | {"steps": policy_steps(saved, entry, kind, state_dim)}
 
 
 def bundle_tokenizer(manifest: Mapping[str, Any], folder: Path, cfg: Any
@@ -104,8 +126,6 @@ PROCESSORS = ("policy_preprocessor.json", "policy_postprocessor.json")
 NORMALIZERS = ("normalizer_processor", "unnormalizer_processor")  # the steps whose state is stats
 STATS_NEEDED = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"),
                 "QUANTILES": ("q01", "q99")}
-DEFAULT_NORMALIZATION = {"pi0": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
-                         "pi05": {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"}}
 IMAGES = "observation.images."
 RELATIVE_STEPS = ("relative_actions_processor", "delta_actions_processor")  # 0.6.x's name, 0.5.1's
 
@@ -120,7 +140,7 @@ def lerobot_cameras(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
             + [{"key": k, "empty": True} for k in empty])
 
 
-def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str, *,
+def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: PolicyKind, *,
                    weight_keys: frozenset[str] = frozenset(), lerobot_version: str | None = None,
                    processors: Path | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The policy entry of a LeRobot folder (checked against the compiled `cfg`) and its stats
@@ -147,6 +167,9 @@ def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str, *
     if processors is not None and not found:
         raise WalkforgeError(f"--processors {source}: holds neither {' nor '.join(PROCESSORS)}")
     processors_entry = _processors_entry(found, source, processors is not None)
+    if meta.get("type", kind.type) != kind.type:
+        raise WalkforgeError(f"{folder}: a LeRobot '{meta['type']}' folder, not {kind.type} (compile it with "
+                             f"the {meta['type']} recipe)")
     normalization = _normalization(meta, found, kind)
     stats = merged_stats(source, found)
     state = _feature_dim(meta, "input_features", STATE_KEY, max_state)
@@ -158,7 +181,7 @@ def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str, *
                         shapes, weight_keys)
     release = decide(facts, lerobot_version)
     entry = {
-        "type": kind, "cameras": cameras, "image_resolution": resolution,
+        "type": kind.type, "cameras": cameras, "image_resolution": resolution,
         "state": {"key": STATE_KEY, "dim": state}, "action": {"key": ACTION_KEY, "dim": action},
         "max_state_dim": max_state, "max_action_dim": max_action,
         "chunk_size": chunk, "n_action_steps": steps, "tokenizer_max_length": cfg.max_prompt_len,
@@ -168,9 +191,72 @@ def lerobot_policy(folder: Path, meta: Mapping[str, Any], cfg: Any, kind: str, *
         "processors": processors_entry,
         "relative_actions": relative_actions(found, action, state),
     }
-    if kind == "pi05":
+    if STATE_PROMPT_STEP in kind.preprocessor:
         entry["prompt_state_dims"] = release.prompt_state_dims(state, max_state)
+    if meta.get("rtc_config") is not None:
+        entry["rtc_config"] = rtc_config(meta["rtc_config"])
+    entry["steps"] = policy_steps(found, entry, kind, entry.get("prompt_state_dims", max_state))
     return entry, ({STATS_FILE: _stats_bytes(stats)} if stats else {})
+
+
+# -- LeRobot's processor steps → the bundle's named steps (runtimes/processors/steps.py) ---------
+
+NEWLINE_STEPS = ("pi0_new_line_processor", "smolvla_new_line_processor")
+STATE_PROMPT_STEP = "pi05_prepare_state_tokenizer_processor_step"
+# steps with nothing to do at inference here: batching and devices are the runtime's; the
+# relative step only keeps the state for its absolute twin; a rename map renames robot keys into
+# the feature names, which are what observations are keyed by here
+PASSIVE_STEPS = ("rename_observations_processor", "to_batch_processor", "device_processor", *RELATIVE_STEPS)
+
+
+def policy_steps(found: Mapping[str, list[dict[str, Any]]], entry: Mapping[str, Any],
+                 kind: PolicyKind, prompt_dims: int) -> dict[str, list[dict[str, Any]]] | None:
+    """The policy entry's `steps`: the processor JSONs' steps in their order, translated, with
+    what the model does itself — cameras first, the state padded after normalising, the chunk
+    cropped to the robot's action dim first. None for a model-only folder; a step walkforge
+    cannot run is a compile error (ignoring it would change the actions)."""
+    if not found:
+        return None
+    norm = entry["normalization"]
+    cams = entry["cameras"]
+    pre: list[dict[str, Any]] = [{"name": "cameras", "keys": [c["key"] for c in cams],
+                                  "empty": [c["key"] for c in cams if c["empty"]],
+                                  "resolution": list(entry["image_resolution"]), "pad": kind.image_pad}]
+    pad = {"name": "pad_state", "dim": entry["max_state_dim"]}
+    for step in found.get(PROCESSORS[0], []):
+        name, config = step.get("registry_name"), step.get("config") or {}
+        if name in NEWLINE_STEPS:
+            pre.append({"name": "newline"})
+        elif name == "tokenizer_processor":
+            pre.append({"name": "tokenize", "max_length": entry["tokenizer_max_length"],
+                        "padding": config.get("padding", kind.prompt_padding), "bos": kind.bos})
+        elif name == "normalizer_processor":
+            state = entry["state"]["key"]
+            pre += [{"name": "normalize", "key": state, "mode": norm.get("STATE", "IDENTITY")}, pad]
+        elif name == STATE_PROMPT_STEP:
+            pre += [*([] if pad in pre else [pad]), {"name": "state_to_prompt", "dims": prompt_dims}]
+        elif name not in PASSIVE_STEPS:
+            raise _unknown_step(PROCESSORS[0], name)
+    pre += [] if pad in pre else [pad]
+    post: list[dict[str, Any]] = [{"name": "crop_actions", "dim": entry["action"]["dim"]}]
+    for step in found.get(PROCESSORS[1], []):
+        name = step.get("registry_name")
+        if name == "unnormalizer_processor":
+            post.append({"name": "unnormalize", "key": entry["action"]["key"],
+                         "mode": norm.get("ACTION", "IDENTITY")})
+        elif name == "absolute_actions_processor":
+            relative = entry.get("relative_actions")
+            post += [{"name": "absolute_actions", "mask": relative["mask"]}] if relative else []
+        elif name not in PASSIVE_STEPS:
+            raise _unknown_step(PROCESSORS[1], name)
+    return {"pre": pre, "post": post}
+
+
+def _unknown_step(file: str, name: Any) -> WalkforgeError:
+    known = (*NEWLINE_STEPS, "tokenizer_processor", "normalizer_processor", STATE_PROMPT_STEP,
+             "unnormalizer_processor", "absolute_actions_processor", *PASSIVE_STEPS)
+    return WalkforgeError(f"{file}: step '{name}' is not one walkforge runs (it runs {', '.join(known)}); "
+                          "its effect on the actions cannot be reproduced")
 
 
 def _processors_entry(found: Mapping[str, Any], source: Path, given: bool) -> dict[str, Any] | None:
@@ -218,6 +304,27 @@ def _step(processors: Mapping[str, list[dict[str, Any]]], file: str, name: str) 
     return next((s for s in processors.get(file, []) if s.get("registry_name") == name), None)
 
 
+def rtc_config(rtc: Any) -> dict[str, Any]:
+    """config.json's `rtc_config` (LeRobot's RTCConfig) as the policy entry keeps it: RTC_FIELDS
+    where given, checked as LeRobot's RTCConfig checks them (the runtime checks them again)."""
+    if not isinstance(rtc, Mapping):
+        raise WalkforgeError(f"config.json rtc_config is {rtc!r}, not an object of RTCConfig fields")
+    kept = {k: rtc[k] for k in RTC_FIELDS if k in rtc}
+    schedule = str(kept.get("prefix_attention_schedule", "LINEAR"))
+    weight = kept.get("max_guidance_weight", 10.0)
+    horizon = kept.get("execution_horizon", 10)
+    if schedule.upper() not in RTC_SCHEDULES:
+        raise WalkforgeError(f"config.json rtc_config.prefix_attention_schedule is {schedule!r}, not one "
+                             f"of {', '.join(RTC_SCHEDULES)}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise WalkforgeError(f"config.json rtc_config.max_guidance_weight is {weight!r}: want a number > 0")
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 0:
+        raise WalkforgeError(f"config.json rtc_config.execution_horizon is {horizon!r}: want an integer ≥ 0")
+    if not isinstance(kept.get("enabled", True), bool):
+        raise WalkforgeError(f"config.json rtc_config.enabled is {kept['enabled']!r}: want true or false")
+    return kept
+
+
 def _agree(field: str, said: Any, what: str, has: Any) -> None:
     """A config.json field must equal what the tensors (or compiled config) have; one line if not."""
     if said != has:
@@ -259,10 +366,10 @@ def _normalizer_steps(processors: Mapping[str, list[dict[str, Any]]]) -> list[tu
 
 
 def _normalization(meta: Mapping[str, Any], processors: Mapping[str, list[dict[str, Any]]],
-                   kind: str) -> dict[str, str]:
+                   kind: PolicyKind) -> dict[str, str]:
     """config.json's normalization_mapping (LeRobot's default for `kind` when absent); each
     (un)normalizer step's norm_map must agree with it."""
-    mapping = {**DEFAULT_NORMALIZATION[kind], **(meta.get("normalization_mapping") or {})}
+    mapping = {**kind.normalization, **(meta.get("normalization_mapping") or {})}
     for feature_type, mode in mapping.items():
         if mode not in NORM_MODES:
             raise WalkforgeError(f"config.json normalization_mapping.{feature_type} is '{mode}': "
@@ -337,3 +444,33 @@ def _hub_tokenizer(processors: Mapping[str, list[dict[str, Any]]]) -> str | None
         if step.get("registry_name") == "tokenizer_processor":
             return (step.get("config") or {}).get("tokenizer_name")
     return None
+
+
+# -- the tensors of a LeRobot folder -----------------------------------------------------------
+
+def shape(tensors: Mapping[str, torch.Tensor], key: str, kind: str = "pi0") -> tuple[int, ...]:
+    """The shape of a tensor the folder must have; a missing one names the folder kind."""
+    if key not in tensors:
+        raise WalkforgeError(f"checkpoint is missing '{key}': not a LeRobot {kind} checkpoint?")
+    return tuple(tensors[key].shape)
+
+
+def depth(tensors: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many distinct first components the keys under `prefix` have (the layer count)."""
+    return len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
+
+
+def lerobot_weights(folder: Path, kind: str, marker: str) -> dict[str, torch.Tensor]:
+    """model.safetensors (or its shards) and nothing else: the processor stats files beside it
+    are not weights; `marker` is a key prefix every such model has. Keys get LeRobot's `model.`
+    prefix where saved without it."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in read_weights(folder, "model").items():
+        full = key if key.startswith("model.") else "model." + key
+        if full in tensors:
+            raise WalkforgeError(f"{folder}: '{key}' is saved both with and without the 'model.' prefix")
+        tensors[full] = tensor
+    if not any(k.startswith(marker) for k in tensors):
+        raise WalkforgeError(f"{folder}/model.safetensors has no '{marker}*' tensors: "
+                             f"not a LeRobot {kind} model")
+    return tensors

@@ -111,23 +111,30 @@ class Chain:
     """Engines by walk name, the plan that orders them and, where a walk writes a page pool,
     its `Paging`."""
 
-    def __init__(self, engines: Mapping[str, Any], plan: list[Any], paging: Paging | None = None) -> None:
+    def __init__(self, engines: Mapping[str, Any], plan: list[Any], paging: Paging | None = None,
+                 after: Callable[[], None] | None = None) -> None:
         self.engines = dict(engines)
         self.plan = plan
         self.paging = paging
         self.observer: Observer | None = None
+        self.after = after  # called after each run, before its results are handed out (Runner: the
+        # bundle's files re-checked, since an engine may map a file a writer can change in place)
 
     def run(self, env: dict[str, Any], settings: Mapping[str, int],
             kv_tokens: Sequence[int] | None = None) -> dict[str, Any]:
         """Run the plan, updating and returning `env`. With paging, each request (batch row) gets
         pages for `kv_tokens[row]` tokens (default: the bundle's most per request)."""
         if self.paging is None:
-            return self._run_plan(env, settings)
-        if kv_tokens is None:
-            first = self.engines[self.plan[0] if isinstance(self.plan[0], str) else self.plan[0]["loop"]]
-            kv_tokens = [self.paging.max_tokens] * batch_size(env[first.inputs[0].name])
-        with self.paging.bind(kv_tokens) as bound:
-            return self._run_plan(env | bound, settings)
+            env = self._run_plan(env, settings)
+        else:
+            if kv_tokens is None:
+                first = self.engines[self.plan[0] if isinstance(self.plan[0], str) else self.plan[0]["loop"]]
+                kv_tokens = [self.paging.max_tokens] * batch_size(env[first.inputs[0].name])
+            with self.paging.bind(kv_tokens) as bound:
+                env = self._run_plan(env | bound, settings)
+        if self.after is not None:
+            self.after()
+        return env
 
     def _run_plan(self, env: dict[str, Any], settings: Mapping[str, int]) -> dict[str, Any]:
         for step in self.plan:
@@ -154,9 +161,24 @@ class Chain:
         schedule = SCHEDULES[loop["schedule"]] if loop["schedule"] else None
         extra = {k: settings[k] for k in SCHEDULE_SETTINGS.get(loop["schedule"], ()) if k in settings}
         first = next(iter(loop["carry"].values()))
+        guide = self._guide(loop, env)
         for k in range(count):
             if schedule is not None:
                 env.update(schedule(k, count, batch_size(env[first]), **extra))
             self._walk(loop["loop"], env)
+            if guide is not None:
+                self._walk(guide, env)
+                env[next(iter(loop["carry"]))] = env[self.engines[guide].outputs[0].name]
             for out, inp in loop["carry"].items():
                 env[inp] = env[out]
+
+    def _guide(self, loop: Mapping[str, Any], env: Mapping[str, Any]) -> str | None:
+        """The loop's guide walk (graphs.walk.Loop) when the caller gave the inputs only it takes
+        (those that are none of the body's inputs or outputs), else None."""
+        guide = loop.get("guide")
+        if not guide:
+            return None
+        body = self.engines[loop["loop"]]
+        made = {s.name for s in (*body.inputs, *body.outputs)}
+        own = [s.name for s in self.engines[guide].inputs if s.name not in made]
+        return guide if own and all(name in env for name in own) else None

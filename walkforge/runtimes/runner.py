@@ -45,7 +45,9 @@ class Runner:
             paging = Paging(typed, self.engines, impl.allocate_pool, kv_pages)
         elif kv_pages is not None:
             raise WalkforgeError(f"kv_pages: this {bundle.recipe} bundle has no KV page pool")
-        self.chain = Chain(self.engines, typed.plan, paging)
+        # after each run, before its answer is handed out: a bundle file changed since the load
+        # (an engine may map its file) is refused (Bundle.check_unchanged)
+        self.chain = Chain(self.engines, typed.plan, paging, after=bundle.check_unchanged)
 
     @property
     def paging(self) -> Paging | None:
@@ -69,8 +71,9 @@ class Runner:
         if walk not in self.engines:
             raise WalkforgeError(f"bundle has no walk '{walk}'; walks: {', '.join(self.engines)}")
         self.check_inputs(self.specs(walk), feeds)
-        outputs = self.engines[walk].run(dict(feeds))
-        return {k: to_numpy(v) for k, v in outputs.items()}
+        outputs = {k: to_numpy(v) for k, v in self.engines[walk].run(dict(feeds)).items()}
+        self.bundle.check_unchanged()
+        return outputs
 
     def run(self, feeds: Mapping[str, np.ndarray], **settings: Any) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -2,12 +2,13 @@
 
 Requests from every connection join one queue. A worker thread takes the first waiting request,
 waits up to `batch_wait_ms` for more (at most `max_batch`), and runs them as ONE batch
-(`predict_action_chunks`), so each answer equals the serial one. Only as many requests run as the
-pool has pages for (each is counted at the bundle's most prefix tokens); the rest wait for pages
-up to `pool_wait_ms` and are then refused with a message. A batch the policy refuses is rerun one
-request at a time, so a bad request gets its own error and never costs another its answer. A
-request whose client went away before its batch started is dropped; one that is already running
-finishes and its pages are freed by the chain as always.
+(`predict_chunks`), so each answer equals the serial one. A request may carry real-time chunking
+inputs (`rtc`: predict_chunks' per-observation mapping) and shares the batch with those that do
+not. Only as many requests run as the pool has pages for (each is counted at the bundle's most
+prefix tokens); the rest wait for pages up to `pool_wait_ms` and are then refused with a message.
+A batch the policy refuses is rerun one request at a time, so a bad request gets its own error
+and never costs another its answer. A request whose client went away before its batch started is
+dropped; one that is already running finishes and its pages are freed by the chain as always.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ POOL_POLL_S = 0.005  # how often a request waiting for pages looks at the pool a
 
 @dataclass
 class Answer:
-    """One request's actions (chunk_size, A) or the one-line reason it was refused, with timing."""
+    """One request's actions (chunk_size, A) and its model-space chunk (chunk_size, max_action_dim:
+    what the connection cuts the next leftover from), or the one-line reason it was refused; timing."""
 
     actions: np.ndarray | None = None
     error: str | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    model: np.ndarray | None = None
 
 
 def pool_capacity(policy: Any) -> int | None:
@@ -56,24 +59,28 @@ def _wait_for_pages(policy: Any, deadline: float) -> int:
         time.sleep(POOL_POLL_S)
 
 
-def _run(policy: Any, observations: Sequence[dict], noises: Sequence[Any]) -> list[Answer]:
+def _run(policy: Any, observations: Sequence[dict], noises: Sequence[Any],
+         rtc: Sequence[Any]) -> list[Answer]:
     """One batch through the policy; if it refuses the batch, each request alone (its own error)."""
     t0 = time.perf_counter()
     try:
-        chunks: list[Any] = policy.predict_action_chunks(observations, noises)
+        chunks: list[Any] = policy.predict_chunks(observations, noises, rtc)
     except WalkforgeError as exc:
         if len(observations) == 1:
             return [Answer(error=str(exc))]
-        return [a for o, n in zip(observations, noises, strict=True) for a in _run(policy, [o], [n])]
+        return [a for o, n, r in zip(observations, noises, rtc, strict=True)
+                for a in _run(policy, [o], [n], [r])]
     infer_ms = (time.perf_counter() - t0) * 1e3
-    return [Answer(np.asarray(c, np.float32), timing={"infer_ms": infer_ms, "batch_size": len(chunks)})
-            for c in chunks]
+    return [Answer(np.asarray(c.actions, np.float32), model=np.asarray(c.model, np.float32),
+                   timing={"infer_ms": infer_ms, "batch_size": len(chunks)}) for c in chunks]
 
 
 def answer_batch(policy: Any, observations: Sequence[dict], noises: Sequence[Any],
-                 pool_wait_s: float) -> list[Answer]:
+                 pool_wait_s: float, rtc: Sequence[Any] | None = None) -> list[Answer]:
     """Answers in order: run what the pool has pages for, wait (bounded) for pages for the rest,
-    refuse what still does not fit when the wait is over."""
+    refuse what still does not fit when the wait is over. `rtc`: per request None or its
+    real-time chunking inputs (predict_chunks' `rtc_inputs`)."""
+    rtc = list(rtc) if rtc is not None else [None] * len(observations)
     answers: list[Answer] = []
     deadline = time.monotonic() + pool_wait_s
     while len(answers) < len(observations):
@@ -86,7 +93,7 @@ def answer_batch(policy: Any, observations: Sequence[dict], noises: Sequence[Any
             answers += [Answer(error=refusal) for _ in observations[start:]]
             break
         end = min(len(observations), start + fit)
-        answers += _run(policy, observations[start:end], noises[start:end])
+        answers += _run(policy, observations[start:end], noises[start:end], rtc[start:end])
     return answers
 
 
@@ -94,6 +101,7 @@ def answer_batch(policy: Any, observations: Sequence[dict], noises: Sequence[Any
 class _Pending:
     observation: dict
     noise: Any
+    rtc: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     queued: float
@@ -108,7 +116,7 @@ def _set_result(future: asyncio.Future, answer: Answer) -> None:
 
 
 class MicroBatcher:
-    """The queue and its worker thread (module doc). `await submit(observation, noise)` → Answer."""
+    """The queue and its worker thread (module doc). `await submit(observation, noise, rtc)` → Answer."""
 
     def __init__(self, policy: Any, max_batch: int = 8, batch_wait_ms: float = 2.0,
                  max_queue: int = 64, pool_wait_ms: float = 5000.0) -> None:
@@ -129,9 +137,9 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._work, name="walkforge-batcher", daemon=True)
         self._thread.start()
 
-    async def submit(self, observation: dict, noise: Any = None) -> Answer:
+    async def submit(self, observation: dict, noise: Any = None, rtc: Any = None) -> Answer:
         loop = asyncio.get_running_loop()
-        pending = _Pending(observation, noise, loop.create_future(), loop, time.perf_counter())
+        pending = _Pending(observation, noise, rtc, loop.create_future(), loop, time.perf_counter())
         with self._cond:
             if self._stopping:
                 return Answer(error="server is shutting down; request refused")
@@ -174,7 +182,8 @@ class MicroBatcher:
             started = time.perf_counter()
             try:
                 answers = answer_batch(self.policy, [p.observation for p in batch],
-                                       [p.noise for p in batch], self.pool_wait_s)
+                                       [p.noise for p in batch], self.pool_wait_s,
+                                       [p.rtc for p in batch])
             except Exception as exc:  # a bug: log its traceback, tell the clients, keep serving
                 log.exception("batch of %d failed", len(batch))
                 answers = [Answer(error=f"internal server error: {type(exc).__name__}: {exc}")

@@ -2,9 +2,11 @@
 
 The policy's processor checks everything about one observation (runtimes/processors/); the server
 checks first what must never reach a batch or what the processor allows but a server must not:
-the frame is a map of string keys, keys are mapped (`--obs-map`), at least one camera the bundle
-reads is present (a missing one is masked, as LeRobot and `predict_action_chunk` mask it), `noise`
-is split off, and no number is NaN or inf. A request the policy then refuses is answered alone
+the frame is within the bounds of limits.py (checked while decoding and before any value is
+read), it is a map of string keys, keys are mapped (`--obs-map`), at least one camera the bundle
+reads is present (a missing one is masked, as LeRobot and `predict_action_chunk` mask it), every
+value has the shape the bundle's spec bounds (limits.check_observation), `noise` is split off,
+and no number is NaN or inf. A request the policy then refuses is answered alone
 (batcher.py), so a bad request never costs another one its answer.
 """
 
@@ -18,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from walkforge.errors import WalkforgeError
+from walkforge.serving.limits import NOISE, RTC_KEYS, Limits, check_observation, check_rtc, decode_frame
 
-NOISE = "noise"
 
 def load_obs_map(path: Path | None, spec: Mapping[str, Any]) -> dict[str, str]:
     """The `--obs-map` JSON file: {"client key": "bundle key", …}; every target must be a key the
@@ -45,8 +47,28 @@ def accepted_keys(spec: Mapping[str, Any]) -> list[str]:
     return [*spec["cameras"], spec["state"]["key"], spec["task"]["key"], NOISE]
 
 
-def split_request(message: Any, spec: Mapping[str, Any], obs_map: Mapping[str, str]
+def parse_request(frame: bytes, spec: Mapping[str, Any], obs_map: Mapping[str, str], limits: Limits
                   ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One binary frame → (observation, noise), every bound checked first (limits.py). Bounded
+    work whatever the frame holds; the server runs it off the event loop."""
+    return split_request(decode_frame(frame, spec, limits), spec, obs_map, limits)
+
+
+def parse_rtc_request(frame: bytes, spec: Mapping[str, Any], obs_map: Mapping[str, str], limits: Limits
+                      ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
+    """`parse_request` that also takes the real-time chunking keys beside the observation
+    (limits.RTC_KEYS, checked by limits.check_rtc): (observation, noise, RTC keys or None)."""
+    message = decode_frame(frame, spec, limits)
+    rtc = None
+    if isinstance(message, dict):
+        message = dict(message)
+        rtc = check_rtc({k: message.pop(k) for k in RTC_KEYS if k in message}, spec)
+    observation, noise = split_request(message, spec, obs_map, limits)
+    return observation, noise, rtc
+
+
+def split_request(message: Any, spec: Mapping[str, Any], obs_map: Mapping[str, str],
+                  limits: Limits | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
     """(observation keyed by bundle names, its noise or None) from one decoded frame."""
     if not isinstance(message, dict):
         raise WalkforgeError(f"an observation must be a msgpack map, got {type(message).__name__}")
@@ -61,6 +83,7 @@ def split_request(message: Any, spec: Mapping[str, Any], obs_map: Mapping[str, s
     if not any(c in observation for c in spec["cameras"]):  # a missing one is masked, as in LeRobot
         raise WalkforgeError(f"observation has none of this policy's cameras ({', '.join(spec['cameras'])}): "
                              "give at least one")
+    observation = check_observation(observation, spec, limits or Limits())  # shapes before values
     for name, value in observation.items():
         _check_value(name, value)
     noise = observation.pop(NOISE, None)

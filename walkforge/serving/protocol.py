@@ -11,6 +11,7 @@ both ways.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -20,6 +21,7 @@ from walkforge.errors import WalkforgeError
 
 ARRAY, SCALAR = b"__ndarray__", b"__npgeneric__"
 REFUSED_KINDS = {"O": "object", "V": "void", "c": "complex"}
+MAX_NDIM = 32  # numpy allows 64; no observation value has more than 5
 
 
 def _encode(obj: Any) -> Any:
@@ -51,7 +53,9 @@ def _array(obj: dict) -> np.ndarray:
         raise WalkforgeError("array data must be msgpack bin bytes")
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise WalkforgeError(f"array shape must be a list of non-negative ints, got {str(shape)[:60]}")
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(shape) > MAX_NDIM:
+        raise WalkforgeError(f"array of {len(shape)} dims; at most {MAX_NDIM}")
+    need = math.prod(shape) * dtype.itemsize  # Python ints: numpy's product would wrap around
     if need != len(data):
         raise WalkforgeError(f"array of shape {list(shape)} {dtype} needs {need} bytes, got {len(data)}")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -75,10 +79,11 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_encode)
 
 
-def unpackb(data: bytes) -> Any:
-    """Decode one frame; anything that is not well-formed msgpack-numpy is a WalkforgeError."""
+def unpackb(data: bytes, **bounds: int) -> Any:
+    """Decode one frame; anything that is not well-formed msgpack-numpy is a WalkforgeError.
+    `bounds`: msgpack's `max_str_len`, `max_array_len`, … (limits.decode_frame passes them)."""
     try:
-        return msgpack.unpackb(data, object_hook=_decode)
+        return msgpack.unpackb(data, object_hook=_decode, **bounds)
     except WalkforgeError:
         raise
     except (ValueError, TypeError, KeyError, OverflowError, RecursionError, msgpack.UnpackException) as exc:

@@ -6,6 +6,7 @@ same `answer_batch` as the local server (page-pool bounded wait and refusal, per
 The websocket/HTTP front is the same server (serving.server) in the process that ran the command;
 it hands each checked observation to the deployment's handle, and Ray spreads requests over the
 replicas, on one machine or a cluster (`--address`; the bundle path must exist on every node).
+Real-time chunking keys are refused here with one line (RAY_NO_RTC): serve without --ray for RTC.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from walkforge.serving.observations import load_obs_map
 from walkforge.serving.server import Loaded
 
 APP = "walkforge"
+RAY_NO_RTC = "walkforge serve --ray does not serve real-time chunking yet; serve without --ray"
 
 
 @serve.deployment
@@ -29,10 +31,12 @@ class PolicyReplica:
     """One replica: the bundle's policy and a Ray Serve batch queue in front of it."""
 
     def __init__(self, bundle: str, backend: str, threads: int | None, kv_pages: int | None,
-                 max_batch: int, batch_wait_ms: float, pool_wait_ms: float) -> None:
+                 max_batch: int, batch_wait_ms: float, pool_wait_ms: float,
+                 digest: str | None = None) -> None:
         import walkforge
 
-        self.policy = walkforge.load(bundle, backend=backend, threads=threads, kv_pages=kv_pages)
+        self.policy = walkforge.load(bundle, backend=backend, digest=digest, threads=threads,
+                                     kv_pages=kv_pages)
         self.pool_wait_s = pool_wait_ms / 1e3
         self.predict.set_max_batch_size(max_batch)
         self.predict.set_batch_wait_timeout_s(batch_wait_ms / 1e3)
@@ -57,7 +61,9 @@ class RayExecutor:
     def __init__(self, handle: Any, owns_ray: bool) -> None:
         self.handle, self.owns_ray = handle, owns_ray
 
-    async def submit(self, observation: dict, noise: Any = None) -> Answer:
+    async def submit(self, observation: dict, noise: Any = None, rtc: Any = None) -> Answer:
+        if rtc is not None:
+            return Answer(error=RAY_NO_RTC)
         return await self.handle.remote((observation, noise))
 
     def close(self) -> None:
@@ -87,10 +93,10 @@ def load_ray(bundle: Path, options: Any) -> Loaded:
     deployment = PolicyReplica.options(num_replicas=options.replicas,
                                        ray_actor_options={"num_cpus": options.threads or 1})
     app = deployment.bind(str(Path(bundle).resolve()), options.backend, options.threads, options.kv_pages,
-                          options.max_batch, options.batch_wait_ms, options.pool_wait_ms)
+                          options.max_batch, options.batch_wait_ms, options.pool_wait_ms, options.digest)
     handle = serve.run(app, name=APP, route_prefix=None)
     info = handle.describe.remote().result()
     spec = info["spec"]
     obs_map = load_obs_map(options.obs_map, spec)
     return Loaded(RayExecutor(handle, owns_ray), spec,
-                  metadata(info, spec, options, obs_map), obs_map)
+                  metadata(info, spec, options, obs_map), obs_map, RAY_NO_RTC)

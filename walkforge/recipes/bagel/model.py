@@ -24,9 +24,9 @@ from torch import nn
 from walkforge.plugins import kv_cache_write, paged_attention  # noqa: F401  registers torch.ops.walkforge
 from walkforge.recipes.bagel.config import LATENT_PATCH, TIME_FREQS, BagelConfig
 from walkforge.recipes.blocks.autoencoder import AutoencoderKLDecoder
+from walkforge.recipes.blocks.flow import DenseCache
 from walkforge.recipes.blocks.gemma import attend, rope
 from walkforge.recipes.blocks.qwen2 import Qwen2, layer_finish, layer_qkv
-from walkforge.recipes.pi0.model import DenseCache
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 """cfg_renorm_type names, by the code the denoise walk takes (index)."""

@@ -23,8 +23,7 @@ from walkforge.graphs.walk import GraphNode, Loop, Sequential, TensorSpec
 from walkforge.plugins.constants import PAGE_SIZE, kv_pages
 from walkforge.recipes.bagel.config import GEN_HEADS, BagelConfig
 from walkforge.recipes.bagel.model import BagelModel
-from walkforge.recipes.pi0.model import PagedCache
-from walkforge.recipes.pi0.walks import TORCH_POOL_DTYPES
+from walkforge.recipes.blocks.flow import TORCH_POOL_DTYPES, PagedCache
 
 SCHEDULE = "shifted_euler"  # runtimes/chain.py SCHEDULES: BAGEL's shifted timesteps, one Euler step each
 DENOISE_INPUTS = (

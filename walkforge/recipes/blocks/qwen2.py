@@ -22,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from walkforge.recipes.blocks.gemma import apply_rope, attend, rms_normalize, rope, split_heads
+from walkforge.recipes.blocks.gemma import apply_rope, attend, rope, split_heads
+from walkforge.recipes.blocks.llama import LlamaMLP as Qwen2MLP  # SwiGLU, no biases: the same module
+from walkforge.recipes.blocks.llama import LlamaRMSNorm as Qwen2RMSNorm  # w · x / rms(x): the same
 
 EXPERTS = {"und": "", "gen": "_moe_gen"}
 """Expert name → the suffix its weights carry (BAGEL's naming)."""
@@ -47,31 +48,6 @@ class Qwen2Config:
     rope_base: float = 1e6
     qk_norm: bool = True
     moe_gen: bool = True
-
-
-class Qwen2RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: w · x / rms(x), the statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps).type_as(x)
-
-
-class Qwen2MLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, cfg: Qwen2Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.width, cfg.mlp, bias=False)
-        self.up_proj = nn.Linear(cfg.width, cfg.mlp, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp, cfg.width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen2Attention(nn.Module):

@@ -10,6 +10,7 @@ checkpoint.py  LeRobot's key map and folder reader
 from __future__ import annotations
 
 from walkforge.recipes import lerobot
+from walkforge.recipes.blocks import flow
 from walkforge.recipes.pi0 import checkpoint, config, model, walks
 from walkforge.recipes.recipe import Recipe
 
@@ -26,8 +27,8 @@ RECIPE = Recipe(
     precisions=("fp32", "fp8", "int8"),
     # TensorRT ranges of the dims besides batch and the KV pages: cameras (≤ num_views, 256 tokens
     # each at 224 px) and prompt tokens (≤ max_prompt_len) are dynamic, the front compacts them
-    trt_dims=walks.trt_dims,
-    kernel_shapes=walks.kernel_shapes,
-    variant_manifest=lerobot.pi0_variant_manifest,
+    trt_dims=flow.prefix_trt_dims,
+    kernel_shapes=flow.expert_kernel_shapes,
+    variant_manifest=checkpoint.POLICY.variant_manifest,
     tokenizer=lerobot.bundle_tokenizer,
 )

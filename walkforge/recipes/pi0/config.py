@@ -36,9 +36,14 @@ class Pi0Config:
                                      f"{field} = {getattr(self.expert, field)}; they must match")
 
     @property
+    def image_tokens(self) -> int:
+        """Image tokens per camera: SigLIP's patches (256 at 224 px)."""
+        return self.vision.tokens
+
+    @property
     def prefix_len(self) -> int:
         """P = V·256 image tokens + max_prompt_len prompt tokens."""
-        return self.num_views * self.vision.tokens + self.max_prompt_len
+        return self.num_views * self.image_tokens + self.max_prompt_len
 
     @property
     def suffix_len(self) -> int:
@@ -64,12 +69,4 @@ VARIANTS: dict[str, Pi0Config] = {
         expert=GemmaConfig(width=32, layers=2, heads=2, kv_heads=1, head_dim=16, mlp=64),
         num_views=2, max_prompt_len=16,
     ),
-}
-
-# LeRobot's `paligemma_variant` / `action_expert_variant` names (its modeling_pi0 get_gemma_config);
-# pi0 and pi05 alike. The VLM's vocab is PaliGemma's; the expert's is unused.
-LEROBOT_GEMMA: dict[str, GemmaConfig] = {
-    "gemma_2b": GemmaConfig(width=2048, layers=18, heads=8, kv_heads=1, head_dim=256, mlp=16384,
-                            vocab=257152),
-    "gemma_300m": GemmaConfig(width=1024, layers=18, heads=8, kv_heads=1, head_dim=256, mlp=4096),
 }

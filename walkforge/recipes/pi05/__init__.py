@@ -10,6 +10,7 @@ checkpoint.py  LeRobot's pi05 key map and folder reader
 from __future__ import annotations
 
 from walkforge.recipes import lerobot
+from walkforge.recipes.blocks import flow
 from walkforge.recipes.pi05 import checkpoint, config, model, walks
 from walkforge.recipes.recipe import Recipe
 
@@ -24,7 +25,9 @@ RECIPE = Recipe(
     fake_inputs=walks.fake_inputs,
     front="pi05",
     precisions=("fp32", "fp8"),
-    kernel_shapes=walks.kernel_shapes,
-    variant_manifest=lerobot.pi05_variant_manifest,
+    # the compacted prefix's dims, as pi0's
+    trt_dims=flow.prefix_trt_dims,
+    kernel_shapes=flow.expert_kernel_shapes,
+    variant_manifest=checkpoint.POLICY.variant_manifest,
     tokenizer=lerobot.bundle_tokenizer,
 )

@@ -42,9 +42,14 @@ class Pi05Config:
                                  f"and llm.cond_dim 0, got {self.expert.cond_dim} and {self.llm.cond_dim}")
 
     @property
+    def image_tokens(self) -> int:
+        """Image tokens per camera: SigLIP's patches (256 at 224 px)."""
+        return self.vision.tokens
+
+    @property
     def prefix_len(self) -> int:
         """P = V·256 image tokens + max_prompt_len prompt tokens."""
-        return self.num_views * self.vision.tokens + self.max_prompt_len
+        return self.num_views * self.image_tokens + self.max_prompt_len
 
     @property
     def suffix_len(self) -> int:

@@ -2,8 +2,9 @@
 adaRMS, conditioned on the flow time.
 
 The prefix (images, then the prompt, which also carries the discretised state) goes through
-the VLM once, exactly as in pi0 (the prefix methods are pi0's). Each Euler step runs only the
-expert over the suffix of action tokens `action_in_proj(x_t)`; time enters only through
+the VLM once, exactly as in pi0 (the prefix methods are PaliGemma's, recipes/blocks/paligemma.py).
+Each Euler step runs only the expert over the suffix of action tokens `action_in_proj(x_t)`; time
+enters only through
 cond = silu(time_mlp_out(silu(time_mlp_in(sinusoid(t))))), which every expert norm turns into
 (scale, shift, gate). t = 1 is noise, t = 0 is data.
 Read top to bottom: Pi05Model (embed_suffix → denoise_step → sample_actions).
@@ -15,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from walkforge.recipes.blocks.flow import DenseCache, PagedCache, euler, make_attention_mask, time_embedding
 from walkforge.recipes.blocks.gemma import Gemma, layer_finish, layer_qkv, rope
+from walkforge.recipes.blocks.paligemma import PaliGemmaPrefix
 from walkforge.recipes.blocks.siglip import SiglipVision
-from walkforge.recipes.pi0.model import DenseCache, PagedCache, Pi0Model, make_attention_mask, time_embedding
 from walkforge.recipes.pi05.config import Pi05Config
 
 __all__ = ["DenseCache", "PagedCache", "Pi05Model", "build", "suffix_ar"]
@@ -29,15 +31,10 @@ def suffix_ar(horizon: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.arange(horizon, device=device) < 1
 
 
-class Pi05Model(nn.Module):
-    """pi0.5 modules (names follow LeRobot's checkpoint through checkpoint.KEY_MAP)."""
-
-    # The prefix is pi0's: images → SigLIP → projector, prompt embeddings, one VLM pass whose
-    # K/V are the cache (dense, or written into the page pool).
-    embed_images = Pi0Model.embed_images
-    embed_prefix = Pi0Model.embed_prefix
-    prefill = Pi0Model.prefill
-    prefill_paged = Pi0Model.prefill_paged
+class Pi05Model(PaliGemmaPrefix, nn.Module):
+    """pi0.5 modules (names follow LeRobot's checkpoint through checkpoint.KEY_MAP). The prefix
+    is PaliGemma's, as pi0's (blocks/paligemma.py): images → SigLIP → projector, prompt
+    embeddings, one VLM pass whose K/V are the cache (dense, or written into the page pool)."""
 
     def __init__(self, cfg: Pi05Config) -> None:
         super().__init__()
@@ -89,14 +86,9 @@ class Pi05Model(nn.Module):
 
         dt = -1/steps, t_k = 1 + k·dt. Returns actions [B, H, A].
         """
-        steps = num_steps or self.cfg.num_steps
         cache = DenseCache(*self.prefill(self.embed_images(images), image_masks, prompt_ids, prompt_mask))
-        dt = -1.0 / steps
-        x = noise
-        for k in range(steps):
-            t = torch.full((x.shape[0],), 1.0 + k * dt, device=x.device)
-            x = self.denoise_step(x, t, torch.tensor([dt], device=x.device), cache)
-        return x
+        steps = num_steps or self.cfg.num_steps
+        return euler(lambda x, t, dt: self.denoise_step(x, t, dt, cache), noise, steps)
 
 
 def build(cfg: Pi05Config) -> Pi05Model:

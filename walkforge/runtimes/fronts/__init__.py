@@ -12,8 +12,9 @@ import importlib
 from walkforge.errors import WalkforgeError
 
 FRONTS = {
-    "pi0": "walkforge.runtimes.fronts.pi0:Pi0Policy",
-    "pi05": "walkforge.runtimes.fronts.pi05:Pi05Policy",
+    "pi0": "walkforge.runtimes.fronts.flow:FlowPolicy",
+    "pi05": "walkforge.runtimes.fronts.flow:FlowPolicy",
+    "smolvla": "walkforge.runtimes.fronts.flow:FlowPolicy",
     "vae": "walkforge.runtimes.fronts.vae:VaeDecoder",
     "bagel": "walkforge.runtimes.fronts.bagel:BagelGenerator",
 }

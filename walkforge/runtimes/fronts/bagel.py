@@ -234,7 +234,7 @@ class BagelGenerator(Runner):
         from tokenizers import Tokenizer
 
         return (
-            Tokenizer.from_file(str(self.bundle.path(entry.file)))
+            Tokenizer.from_str(self.bundle.read_verified(entry.file).decode("utf-8"))
             .encode(prompt, add_special_tokens=False)
             .ids
         )

@@ -77,19 +77,26 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def resize_with_pad(image: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+PADS = ("center", "left_top")  # where the black bars go: around the frame (pi0), or left and top (SmolVLA)
+
+
+def resize_with_pad(image: np.ndarray, target: tuple[int, int], pad: str = "center") -> np.ndarray:
     """(3, H_in, W_in) in [0, 1] → (3, H, W): resized to `padded_size` (unless already the
-    target size), then centred with floor(d/2) black (0) rows/columns before and the rest after."""
+    target size), then padded with black (0): "center" puts floor(d/2) rows/columns before and
+    the rest after, "left_top" all of them on the left and the top."""
     height, width = int(target[0]), int(target[1])
     if image.shape[1:] == (height, width):
         return image.astype(np.float32, copy=False)
     new_h, new_w = padded_size(image.shape[1], image.shape[2], (height, width))
     resized = resize_bilinear(image, new_h, new_w)
-    top, left = (height - new_h) // 2, (width - new_w) // 2
-    pad = ((0, 0), (top, height - new_h - top), (left, width - new_w - left))
-    return np.pad(resized, pad, constant_values=0.0)
+    if pad not in PADS:
+        raise WalkforgeError(f"image padding '{pad}' unknown; one of {', '.join(PADS)}")
+    top, left = (height - new_h, width - new_w) if pad == "left_top" else ((height - new_h) // 2,
+                                                                          (width - new_w) // 2)
+    widths = ((0, 0), (top, height - new_h - top), (left, width - new_w - left))
+    return np.pad(resized, widths, constant_values=0.0)
 
 
-def camera_image(frame: np.ndarray, target: tuple[int, int], name: str) -> np.ndarray:
+def camera_image(frame: np.ndarray, target: tuple[int, int], name: str, pad: str = "center") -> np.ndarray:
     """One raw frame (uint8 or float, HWC or CHW, any size) → (3, H, W) float32 in [0, 1]."""
-    return resize_with_pad(to_chw(to_unit_float(frame, name), name), target)
+    return resize_with_pad(to_chw(to_unit_float(frame, name), name), target, pad)

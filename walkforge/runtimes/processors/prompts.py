@@ -1,5 +1,5 @@
 """Task text → prompt text → token ids: pi0's `task + "\\n"`, pi0.5's prompt carrying the state bins,
-and LeRobot's tokenizer step (BOS first, right-padded with id 0 to the compiled length).
+and LeRobot's tokenizer step (BOS first where the tokenizer adds one, right-padded with id 0).
 
 A prompt longer than the compiled length is truncated to it, as LeRobot's tokenizer step does in
 every release (pi0's trailing newline or pi0.5's state may be cut off): a warning, not an error.
@@ -33,18 +33,19 @@ def pi05_prompt(task: str, bins: Sequence[int]) -> str:
     return f"Task: {clean_task(task)}, State: {' '.join(str(int(b)) for b in bins)};\nAction: "
 
 
-def tokenize(texts: Sequence[str], encode: Callable[[str], list[int]], bos_id: int, max_length: int
+def tokenize(texts: Sequence[str], encode: Callable[[str], list[int]], bos_id: int | None, max_length: int
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int64 (B, max_length) and mask bool (B, max_length): [BOS, *encode(text)],
-    right-padded with PAD_ID; a longer prompt is cut to its first `max_length` tokens, as LeRobot's
-    tokenizer step (`truncation=True`) cuts it, with a warning."""
+    """Token ids int64 (B, max_length) and mask bool (B, max_length): [BOS, *encode(text)] (no
+    BOS when `bos_id` is None), right-padded with PAD_ID; a longer prompt is cut to its first
+    `max_length` tokens, as LeRobot's tokenizer step (`truncation=True`) cuts it, with a warning."""
     ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int64)
     mask = np.zeros((len(texts), max_length), dtype=bool)
     for row, text in enumerate(texts):
-        tokens = [bos_id, *encode(text)]
+        tokens = [*([] if bos_id is None else [bos_id]), *encode(text)]
         if len(tokens) > max_length:
-            log.warning("task too long: its prompt is %d tokens (with BOS), cut to %d "
-                        "(tokenizer_max_length) as LeRobot cuts it", len(tokens), max_length)
+            log.warning("task too long: its prompt is %d tokens%s, cut to %d "
+                        "(tokenizer_max_length) as LeRobot cuts it", len(tokens),
+                        "" if bos_id is None else " (with BOS)", max_length)
             tokens = tokens[:max_length]
         ids[row, :len(tokens)] = tokens
         mask[row, :len(tokens)] = True

@@ -41,12 +41,12 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
     """One engine per walk on the bundle's ONNX (its 'cuda' target, else its 'cpu' one)."""
     from walkforge.runtimes.backends.cuda.engine import OrtCudaEngine
 
-    targets = bundle.manifest["targets"]
+    targets = bundle.typed.targets
     target = targets.get("cuda") or targets.get("cpu")
     if target is None:
         raise WalkforgeError("bundle has no ONNX target ('cpu') for the cuda backend to run")
     return {name: OrtCudaEngine(name, bundle.path(rel), Contract.from_json(bundle.walk(name)))
-            for name, rel in target["walks"].items()}
+            for name, rel in target.walks.items()}
 
 
 def allocate_pool(spec: PoolSpec) -> Any:

@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import Any
 
-from walkforge.artifacts.manifest import Manifest
+from walkforge.artifacts.manifest import Manifest, Target, as_manifest
 from walkforge.errors import WalkforgeError
 from walkforge.graphs.walk import loop_bodies
 from walkforge.runtimes.backends import _cuda
@@ -73,10 +73,11 @@ def gpu_info() -> tuple[str, str]:
     return name, cc
 
 
-def check_compatible(target_entry: Mapping[str, Any], gpu_name: str, cc: str, trt_version: str) -> None:
+def check_compatible(target_entry: Target | Mapping[str, Any], gpu_name: str, cc: str,
+                     trt_version: str) -> None:
     """Refuse a TensorRT target built for another GPU model, compute capability or TensorRT version."""
-    built_trt = target_entry.get("versions", {}).get("tensorrt")
-    built = (target_entry.get("gpu"), str(target_entry.get("compute_capability")), built_trt)
+    target = target_entry if isinstance(target_entry, Target) else Target.from_json(target_entry, "target")
+    built = (target.gpu, str(target.compute_capability), target.tensorrt_version)
     if built != (gpu_name, str(cc), trt_version):
         raise WalkforgeError(
             f"TensorRT engines were built for {built[0]} (compute capability {built[1]}) with TensorRT "
@@ -85,17 +86,17 @@ def check_compatible(target_entry: Mapping[str, Any], gpu_name: str, cc: str, tr
         )
 
 
-def select_target(manifest: Mapping[str, Any], gpu_name: str, cc: str,
-                  trt_version: str) -> tuple[str, dict[str, Any]]:
+def select_target(manifest: Manifest | Mapping[str, Any], gpu_name: str, cc: str,
+                  trt_version: str) -> tuple[str, Target]:
     """(key, entry) of the bundle's TensorRT target that fits this machine."""
-    targets = {k: v for k, v in manifest.get("targets", {}).items() if v.get("backend") == "tensorrt"}
+    targets = {k: v for k, v in as_manifest(manifest).targets.items() if v.backend == "tensorrt"}
     if not targets:
         raise WalkforgeError(f"bundle has no TensorRT target; {REBUILD_HINT}")
     refusals = []
     for key, entry in targets.items():
         try:
             check_compatible(entry, gpu_name, cc, trt_version)
-            return key, dict(entry)
+            return key, entry
         except WalkforgeError as exc:
             refusals.append(exc)
     raise refusals[0]
@@ -111,12 +112,13 @@ def load(bundle: Any, options: Any) -> dict[str, Any]:
     from walkforge.runtimes.engine import Contract
 
     gpu, cc = gpu_info()
-    _, target = select_target(bundle.manifest, gpu, cc, trt.__version__)
-    graphed = loop_bodies(bundle.manifest.get("plan", [])) if options.cuda_graphs else set()
-    contracts = {name: Contract.from_json(bundle.walk(name)) for name in target["walks"]}
+    manifest = bundle.typed
+    _, target = select_target(manifest, gpu, cc, trt.__version__)
+    graphed = loop_bodies(manifest.plan) if options.cuda_graphs else set()
+    contracts = {name: Contract.from_json(bundle.walk(name)) for name in target.walks}
     resident = frozenset(i for c in contracts.values() for i in c.aliases.values())
     engines: dict[str, Any] = {}
-    for name, rel in target["walks"].items():
+    for name, rel in target.walks.items():
         engine = TrtEngine(name, bundle.path(rel), contracts[name])
         engines[name] = GraphedEngine(engine, resident) if name in graphed else engine
     return engines

@@ -14,6 +14,7 @@ Polygraphy loaders.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from walkforge.artifacts.bundle import Bundle, staged_bundle, write_manifest
+from walkforge.artifacts.manifest import Manifest, Target, Walk, as_manifest
 from walkforge.errors import WalkforgeError
 from walkforge.plugins.constants import kv_pages
 from walkforge.progress import Progress
@@ -61,7 +63,7 @@ def max_batch(profile: str) -> int:
     return PROFILES[profile]
 
 
-def derive_profiles(walk_contract: Mapping[str, Any], manifest: Mapping[str, Any],
+def derive_profiles(walk_contract: Walk | Mapping[str, Any], manifest: Manifest | Mapping[str, Any],
                     profile: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Optimisation profile of one walk: input name -> (min, opt, max) shapes.
 
@@ -69,10 +71,12 @@ def derive_profiles(walk_contract: Mapping[str, Any], manifest: Mapping[str, Any
     the manifest) give theirs; `num_pages`/`max_pages` come from `kv_ranges`. Any other symbolic
     dim is a WalkforgeError naming it (an engine built for a guessed range would fail later).
     """
-    dim_ranges = {k: tuple(v) for k, v in manifest.get("dim_ranges", {}).items()}
+    manifest = as_manifest(manifest)
+    dim_ranges = {k: tuple(v) for k, v in manifest.dim_ranges.items()}
     ranges = {"batch": (1, 1, max_batch(profile)), **dim_ranges, **kv_ranges(manifest)}
+    inputs = walk_contract.inputs if isinstance(walk_contract, Walk) else walk_contract["inputs"]
     shapes = {}
-    for spec in walk_contract["inputs"]:
+    for spec in inputs:
         dims = []
         for dim in spec["shape"]:
             if isinstance(dim, int):
@@ -86,24 +90,25 @@ def derive_profiles(walk_contract: Mapping[str, Any], manifest: Mapping[str, Any
     return shapes
 
 
-def kv_ranges(manifest: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+def kv_ranges(manifest: Manifest | Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of the KV page dims from the manifest's `paging`: a request's block table
     holds up to kv_pages(max_tokens) pages; the pool DEFAULT_POOL_REQUESTS (opt) to
     MAX_POOL_REQUESTS (max) full-length requests. None without paging."""
-    paging = manifest.get("paging")
-    if not paging:
+    paging = as_manifest(manifest).paging
+    if paging is None:
         return {}
-    pages = kv_pages(paging["max_tokens"], paging["page_size"])
+    pages = kv_pages(paging.max_tokens, paging.page_size)
     return {"max_pages": (1, pages, pages),
             "num_pages": (1, DEFAULT_POOL_REQUESTS * pages, MAX_POOL_REQUESTS * pages)}
 
 
 def target_entry(gpu: str, cc: str, versions: Mapping[str, str | None], walks: Mapping[str, str],
-                 profile: str, folder: str) -> dict[str, Any]:
-    """The manifest's description of one TensorRT target."""
-    return {"backend": "tensorrt", "gpu": gpu, "compute_capability": cc, "versions": dict(versions),
-            "profile": {"name": profile, "max_batch": PROFILES[profile]}, "walks": dict(walks),
-            "timing_cache": f"{folder}/timing.cache", "build_log": f"{folder}/build.log"}  # fmt: skip
+                 profile: str, folder: str, plugins: Mapping[str, str] | None = None) -> Target:
+    """The manifest's description of one TensorRT target (`plugins`: what `register_plugins` registered)."""
+    return Target(backend="tensorrt", gpu=gpu, compute_capability=cc, versions=dict(versions),
+                  profile={"name": profile, "max_batch": PROFILES[profile]}, walks=dict(walks),
+                  timing_cache=f"{folder}/timing.cache", build_log=f"{folder}/build.log",
+                  plugins=None if plugins is None else dict(plugins))
 
 
 # ---------------------------------------------------------------- availability
@@ -133,9 +138,9 @@ def build_trt(bundle_root: Path | str, profile: str = "default",
     max_batch(profile)
     require()
     bundle = Bundle.open(bundle_root)
-    walks = bundle.manifest["walks"]
-    shapes = {name: derive_profiles(walk, bundle.manifest, profile) for name, walk in walks.items()}
-    bad = {walk: errors(found) for walk, found in lint_bundle(bundle.root, bundle.manifest).items()}
+    manifest = bundle.typed
+    shapes = {name: derive_profiles(walk, manifest, profile) for name, walk in manifest.walks.items()}
+    bad = {walk: errors(found) for walk, found in lint_bundle(bundle.root, manifest).items()}
     if any(bad.values()):
         count = sum(len(found) for found in bad.values())
         first = format_findings(bad).splitlines()[0]
@@ -147,17 +152,15 @@ def build_trt(bundle_root: Path | str, profile: str = "default",
 
     gpu, cc = gpu_info()
     folder = plan_dir(cc, trt.__version__)
-    registered = register_plugins(bundle.root, bundle.manifest, arch=f"sm_{cc.replace('.', '')}")
+    registered = register_plugins(bundle.root, manifest, arch=f"sm_{cc.replace('.', '')}")
     log.info("TensorRT %s on %s (compute capability %s); plugins: %s", trt.__version__, gpu, cc, registered)
     walks = _build_engines(bundle, folder, shapes, progress)
-    entry = target_entry(gpu, cc, {"tensorrt": trt.__version__, "cuda": _cuda_version()}, walks,
-                         profile, folder)
-    entry["plugins"] = registered
-    manifest = dict(bundle.manifest)
-    manifest["targets"] = {**manifest.get("targets", {}), Path(folder).name: entry}
-    write_manifest(bundle.root, _without_format_fields(manifest))
+    target = target_entry(gpu, cc, {"tensorrt": trt.__version__, "cuda": _cuda_version()}, walks,
+                          profile, folder, registered)
+    built = dataclasses.replace(manifest, targets={**manifest.targets, Path(folder).name: target})
+    write_manifest(bundle.root, _without_format_fields(built.to_json()))
     log.info("built %d TensorRT engine(s) into %s", len(walks), folder)
-    return entry
+    return target.to_json()
 
 
 def _build_engines(bundle: Bundle, folder: str, shapes: Mapping[str, Mapping[str, tuple]],
@@ -170,10 +173,11 @@ def _build_engines(bundle: Bundle, folder: str, shapes: Mapping[str, Mapping[str
         if (final / "timing.cache").is_file():
             shutil.copyfile(final / "timing.cache", cache)
         walks = {}
-        with _build_log(stage / "build.log"), progress.stages(len(bundle.manifest["walks"])):
-            for name, walk in bundle.manifest["walks"].items():
+        walks_to_build = bundle.typed.walks
+        with _build_log(stage / "build.log"), progress.stages(len(walks_to_build)):
+            for name, walk in walks_to_build.items():
                 progress.begin(name)
-                plan = _build_engine(bundle.root / walk["onnx"], shapes[name], cache)
+                plan = _build_engine(bundle.root / walk.onnx, shapes[name], cache)
                 (stage / f"{name}.plan").write_bytes(plan)
                 walks[name] = f"{folder}/{name}.plan"
                 progress.end(name, {"plan_bytes": len(plan)})
