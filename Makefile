@@ -50,6 +50,14 @@ bench: $(STAMP)
 		--report reports
 	$(PYTHON) -m walkforge.cli bench build/smolvla-small-int8 --backends cpu,torch \
 		--inputs build/smolvla-small-2cam.npz --report reports  # issue 30: cpu int8 <= 0.35x torch
+	$(PYTHON) scripts/make_full_folder.py build/smolvla-full-folder --kind smolvla  # published size, random
+	$(PYTHON) -m walkforge.cli compile smolvla --checkpoint build/smolvla-full-folder \
+		--tokenizer build/smolvla-full-folder-vlm --precision int8 -o build/smolvla-full-int8 --force  # ~17 min
+	$(PYTHON) -m walkforge.cli inputs build/smolvla-full-int8 -o build/smolvla-full-2cam.npz
+	$(PYTHON) -c "import numpy as n; f='build/smolvla-full-2cam.npz'; d=dict(n.load(f)); \
+		d['image_masks'][:]=True; n.savez(f, **d)"
+	$(PYTHON) -m walkforge.cli bench build/smolvla-full-int8 --backends cpu,torch --warmup 1 --iters 3 \
+		--inputs build/smolvla-full-2cam.npz --report reports  # issue 30: 2 x 512^2, 10 steps, <= 1.5 s
 	$(PYTHON) -m walkforge.cli compile bagel --variant small -o build/bagel-small --force
 	$(PYTHON) -m walkforge.cli bench build/bagel-small --backends cpu,torch --dim height=256 --dim width=256 \
 		--setting num_timesteps=50 --warmup 0 --iters 2 --report reports  # 256x256, 50 timesteps, CFG
