@@ -15,39 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_lerobot_parity import FIXTURES, LEROBOT_TOL, observation, reference, rel_err
 
 import walkforge
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "lerobot"
 VLM = FIXTURES / "smolvlm2-tiny"
 CASES = sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in FIXTURES.glob("v*/smolvla*/reference.json"))
-# LeRobot's torch fp32 vs walkforge's engines (cpu: onnxruntime; torch: the recipe's modules) on tiny
-# random weights, as the largest |difference| over the chunk relative to the chunk's largest
-# magnitude: the same bound as the pi0 / pi05 parity (test_lerobot_parity.LEROBOT_TOL); only fp32
-# rounding separates the two (summation order, fused kernels), 10 Euler steps of it.
-LEROBOT_TOL = 1e-4
 BACKENDS = ("cpu", "torch")
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / max(float(np.abs(want).max()), 1e-6))
-
-
-def reference(case: str) -> tuple[dict, dict[str, np.ndarray]]:
-    folder = FIXTURES / case
-    with np.load(folder / "reference.npz") as npz:
-        return json.loads((folder / "reference.json").read_text()), dict(npz)
-
-
-def observation(meta: dict, arrays: dict[str, np.ndarray], name: str, state: np.ndarray | None = None
-                ) -> dict:
-    """Observation `name` as LeRobot was fed it: the cameras it had, its state, its task (a list
-    of tasks for the batched observation)."""
-    obs = {f"observation.images.{c}": arrays[f"{name}.image.{c}"]
-           for c in (k.removeprefix("observation.images.") for k in meta["cameras"])
-           if f"{name}.image.{c}" in arrays}
-    return obs | {"observation.state": arrays[f"{name}.state"] if state is None else state,
-                  "task": meta["observations"][name]["task"]}
+# LEROBOT_TOL (test_lerobot_parity): the same bound as pi0 / pi05, LeRobot's torch fp32 vs walkforge's
+# engines on tiny random weights, relative to the chunk's largest magnitude; only fp32 rounding
+# separates the two (summation order, fused kernels), 10 Euler steps of it. `observation` gives a
+# batched observation's list of tasks as LeRobot was fed it.
 
 
 @pytest.fixture(scope="module")
